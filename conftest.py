@@ -1,0 +1,7 @@
+"""Test setup: 8 simulated CPU devices (set before JAX is imported) and quiet TensorFlow."""
+import os
+
+os.environ.setdefault('JAX_NUM_CPU_DEVICES', '8')
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')

@@ -1,0 +1,1 @@
+"""TFDS builders, one folder each (`<name>/<name>_dataset_builder.py` defining `class Builder`)."""
