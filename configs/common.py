@@ -1,0 +1,51 @@
+"""Shared config blocks (data, model, optimiser, training loop, distributed) used by every echojax config.
+
+Every key a trainer reads is declared here with its default, so `--config.x=y` overrides are checked by
+ml_collections (a typo is an error, not a silently ignored flag).
+"""
+import ml_collections
+
+
+def data_config(name='synthetic_echo', builder_config='small', clip_len=4) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      name=name,                       # TFDS builder under data_builders/ (or any registered builder)
+      builder_config=builder_config,   # e.g. synthetic_echo: small | benchmark
+      data_dir='',                     # '' → TFDS default (~/tensorflow_datasets)
+      manual_dir='',                   # for builders over the user's own files (echo_studies, echonet_*)
+      auto_build=True,                 # build the dataset first if it is absent
+      train_split='train', val_split='val', test_split='test',
+      label_key='severe_as',
+      clip_len=clip_len, clip_stride=1,
+      finetune_clip_len=16, eval_num_clips=4, eval_clip_len=16,
+      frame_order=False,
+      pairs_per_study='all',           # 'all' unordered pairs of a study's videos per epoch (paper) | 'one'
+      image_size=112,                  # < 112 resizes clips after augmentation (CPU presets only)
+      augment=dict(enabled=True, pad=8, flip_prob=0.5, rotate_prob=0.5, max_rotate_deg=10, minmax=True),
+      shuffle_buffer=1024,
+  ))
+
+
+def model_config(width=64) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      width=width, stage_depths=(2, 2, 2, 2),
+      conv_impl='auto',                # auto: XLA conv on GPU/TPU, GEMM fast path on CPU
+      dtype='float32',                 # compute dtype; bfloat16 on accelerators (params stay float32)
+      remat=False,
+      projection='paper', proj_hidden=256, proj_dim=128,   # paper head: 512→256→128, no bias
+      bn_mode='global',                # global: one encoder call over both views | per_view: paper code
+  ))
+
+
+def optim_config(name='adam', lr=0.1) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      name=name, lr=lr, lr_scaling='none', base_batch_size=256,
+      schedule='constant', warmup_steps=0, warmup_fraction=0.0, end_lr_factor=0.0,
+      weight_decay=0.0, b1=0.9, b2=0.999, momentum=0.9, trust_coefficient=0.001,
+      grad_clip_norm=0.0,
+  ))
+
+
+def distributed_config() -> ml_collections.ConfigDict:
+  # mode 'auto': initialise jax.distributed when the environment describes a multi-process job.
+  return ml_collections.ConfigDict(dict(mode='auto', coordinator_address='', num_processes=0,
+                                        process_id=-1))

@@ -1,0 +1,220 @@
+"""`echonet_dynamic`: TFDS builder for EchoNet-Dynamic (10,030 apical-4-chamber videos with EF/ESV/EDV).
+
+Manual dir (the dataset as Stanford distributes it, after accepting its licence):
+  FileList.csv          FileName,EF,ESV,EDV,FrameHeight,FrameWidth,FPS,NumberOfFrames,Split
+  Videos/<FileName>.avi 112×112 MJPG
+  VolumeTracings.csv    optional: FileName,X1,Y1,X2,Y2,Frame (two traced frames per video)
+One record per video (echojax.data.records schema; each video is its own study, AS grade unknown) with extra
+features ef, esv, edv (float32, NaN when empty) and traced_frames (int32 [2]: the traced frame numbers in the
+order VolumeTracings.csv lists them, -1 when absent; they index the source video, so a number may be >=
+num_frames when the video was cut to max_frames). Videos listed but missing or unreadable are skipped and
+listed in `<data_dir>/rejects.csv`; `build_summary.json` holds the counts.
+Build: `tfds build data_builders/echonet_dynamic --manual_dir=DIR --data_dir=OUT` or
+`Builder(data_dir=OUT).download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=DIR))`.
+"""
+from __future__ import annotations
+
+import collections
+import csv
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import sys
+import warnings
+from typing import Dict, List, Optional
+
+from etils import epath
+import numpy as np
+import tensorflow_datasets as tfds
+
+try:
+  from echojax.data import records, video_io
+except ImportError:  # `tfds build data_builders/echonet_dynamic` puts only data_builders/ on sys.path
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+  from echojax.data import records, video_io
+
+FILE_LIST = 'FileList.csv'
+TRACINGS = 'VolumeTracings.csv'
+VIDEOS_DIR = 'Videos'
+REQUIRED_COLUMNS = ('FileName', 'EF', 'ESV', 'EDV', 'Split')
+TRACING_COLUMNS = ('FileName', 'Frame')
+SPLITS = ('train', 'val', 'test')
+REJECTS_FILE = 'rejects.csv'
+SUMMARY_FILE = 'build_summary.json'
+
+
+def read_csv(path: str, required) -> List[dict]:
+  """Rows of a CSV (header stripped of spaces/BOM); ValueError naming the file when columns are missing."""
+  with open(path, newline='', encoding='utf-8-sig') as f:
+    reader = csv.DictReader(f)
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    missing = [c for c in required if c not in header]
+    if missing:
+      raise ValueError(f'{path}: missing column(s) {missing} (found {header})')
+    reader.fieldnames = header
+    return [{k: (v.strip() if isinstance(v, str) else v) for k, v in row.items()} for row in reader]
+
+
+def parse_float(value: str, where: str) -> float:
+  """'' / NaN → NaN; anything else must be a number (ValueError naming row, column and value)."""
+  if value is None or value == '' or value.lower() == 'nan':
+    return float('nan')
+  try:
+    return float(value)
+  except ValueError:
+    raise ValueError(f'{where}: not a number: {value!r}') from None
+
+
+def video_stem(file_name: str) -> str:
+  """FileName with or without '.avi' (older copies of FileList.csv include it)."""
+  return file_name[:-4] if file_name.lower().endswith('.avi') else file_name
+
+
+def read_tracings(path: str) -> Dict[str, List[int]]:
+  """Video stem → traced frame numbers in order of first appearance."""
+  frames: Dict[str, List[int]] = collections.defaultdict(list)
+  for line, row in enumerate(read_csv(path, TRACING_COLUMNS), start=2):
+    try:
+      frame = int(float(row['Frame']))
+    except ValueError:
+      raise ValueError(f'{path} line {line}, column Frame: not a frame number: {row["Frame"]!r}') from None
+    stem = video_stem(row['FileName'])
+    if frame not in frames[stem]:
+      frames[stem].append(frame)
+  return frames
+
+
+@dataclasses.dataclass
+class VideoEntry:
+  stem: str
+  split: str
+  ef: float
+  esv: float
+  edv: float
+  fps: Optional[float]          # from FileList.csv when present and positive
+  traced_frames: List[int]
+
+
+def read_file_list(manual_dir: str) -> Dict[str, List[VideoEntry]]:
+  """FileList.csv (+ VolumeTracings.csv) → entries per split, in file order. Validates before any video."""
+  path = os.path.join(manual_dir, FILE_LIST)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} not found (expected the EchoNet-Dynamic folder as manual_dir)')
+  tracings_path = os.path.join(manual_dir, TRACINGS)
+  tracings = read_tracings(tracings_path) if os.path.exists(tracings_path) else {}
+  by_split: Dict[str, List[VideoEntry]] = {s: [] for s in SPLITS}
+  seen = {}
+  for line, row in enumerate(read_csv(path, REQUIRED_COLUMNS), start=2):
+    where = f'{path} line {line}'
+    stem = video_stem(row['FileName'])
+    if not stem:
+      raise ValueError(f'{where}: empty FileName')
+    if stem in seen:
+      raise ValueError(f'{where}: FileName {stem!r} already listed on line {seen[stem]}')
+    seen[stem] = line
+    split = row['Split'].lower()
+    if split not in SPLITS:
+      raise ValueError(f'{where}, column Split: unknown value {row["Split"]!r} (expected TRAIN/VAL/TEST)')
+    fps = parse_float(row.get('FPS') or '', f'{where}, column FPS')
+    by_split[split].append(VideoEntry(
+        stem=stem, split=split, ef=parse_float(row['EF'], f'{where}, column EF'),
+        esv=parse_float(row['ESV'], f'{where}, column ESV'), edv=parse_float(row['EDV'], f'{where}, column EDV'),
+        fps=fps if math.isfinite(fps) and fps > 0 else None, traced_frames=tracings.get(stem, [])[:2]))
+  return by_split
+
+
+@dataclasses.dataclass(eq=False)
+class EchoNetDynamicConfig(tfds.core.BuilderConfig):
+  max_frames: Optional[int] = 100    # None keeps every frame
+
+
+class Builder(tfds.core.GeneratorBasedBuilder):
+  """EchoNet-Dynamic videos as echojax per-video records with EF/ESV/EDV labels."""
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'First release.'}
+  BUILDER_CONFIGS = [
+      EchoNetDynamicConfig(name='default', description='First 100 frames of each video.', max_frames=100),
+      EchoNetDynamicConfig(name='all_frames', description='Every frame of each video.', max_frames=None),
+  ]
+  DEFAULT_CONFIG_NAME = 'default'
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """
+  Request EchoNet-Dynamic at https://echonet.github.io/dynamic/ and pass its unpacked folder (holding
+  FileList.csv, VolumeTracings.csv and Videos/) as --manual_dir.
+  """
+  _rejects: list = []
+  _summary: Dict[str, Dict[str, int]] = {}
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls):
+    # TFDS 4.9.10 resolves a packaged builder's path through `importlib_resources` (not a declared
+    # dependency); the module's own path is all it needs.
+    return epath.Path(__file__)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self.dataset_info_from_configs(
+        description=__doc__.split('\n')[0],
+        features=records.video_features({
+            'ef': np.float32, 'esv': np.float32, 'edv': np.float32,
+            'traced_frames': tfds.features.Tensor(shape=(2,), dtype=np.int32),
+        }),
+        disable_shuffling=True,
+        homepage='https://echonet.github.io/dynamic/',
+    )
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    manual_dir = os.fspath(dl_manager.manual_dir)
+    by_split = read_file_list(manual_dir)
+    self._rejects, self._summary = [], {}
+    generators = {}
+    for split, entries in by_split.items():
+      generator = self._generate_examples(manual_dir, split, entries)
+      first = next(generator, None)   # TFDS cannot write an empty split
+      if first is None:
+        if entries:
+          self._rejects.append((f'split:{split}', 'no readable video in the whole split; split left out'))
+        continue
+      generators[split] = _chain(first, generator)
+    return generators
+
+  def _generate_examples(self, manual_dir: str, split: str, entries: List[VideoEntry]):
+    counts = self._summary.setdefault(split, dict(listed=len(entries), kept=0, rejected=0, traced=0))
+    study_index = 0
+    for entry in entries:
+      path = os.path.join(manual_dir, VIDEOS_DIR, entry.stem + '.avi')
+      try:
+        decoded = video_io.read_video(path, max_frames=self.builder_config.max_frames)
+      except video_io.VideoReadError as e:
+        warnings.warn(f'echonet_dynamic: skipping {path}: {e.reason}')
+        self._rejects.append((path, f'{e.reason} [{split}]'))
+        counts['rejected'] += 1
+        continue
+      traced = (entry.traced_frames + [-1, -1])[:2]
+      counts['kept'] += 1
+      counts['traced'] += len(entry.traced_frames) == 2
+      yield entry.stem, records.make_record(
+          video=decoded.frames, fps=entry.fps or decoded.fps, video_id=entry.stem, study_id=entry.stem,
+          study_index=study_index, study_num_videos=1, video_index=0, av_stenosis='unknown',
+          ef=np.float32(entry.ef), esv=np.float32(entry.esv), edv=np.float32(entry.edv),
+          traced_frames=np.asarray(traced, np.int32))
+      study_index += 1
+
+  def _download_and_prepare(self, dl_manager, download_config=None):
+    super()._download_and_prepare(dl_manager, download_config)
+    # self.data_dir is TFDS's temporary folder here; it is renamed to the final one with these files in it.
+    records.write_rejects(os.path.join(self.data_dir, REJECTS_FILE), self._rejects)
+    with open(os.path.join(self.data_dir, SUMMARY_FILE), 'w') as f:
+      json.dump({'splits': self._summary, 'rejected': len(self._rejects),
+                 'max_frames': self.builder_config.max_frames}, f, indent=1)
+
+  @property
+  def rejects_path(self) -> str:
+    return os.path.join(self.data_dir, REJECTS_FILE)
+
+
+def _chain(first, rest):
+  yield first
+  yield from rest

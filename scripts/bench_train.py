@@ -1,0 +1,250 @@
+"""Training-step benchmark of the R3D-18 encoder on synthetic on-device batches (optionally vs PyTorch).
+
+Default: for the SSL (4×112², batch 16) and fine-tuning (16×112², batch 4) shapes, the jitted train step
+(encoder + linear head, BCE, Adam, donated state) → compile time, median step time, clips/s and GFLOP/s
+against the analytic R3D-18 count and against this machine's f32 GEMM peak, measured in the same run. Last
+line: `train_clips_per_s=<float>` for the first shape. Needs only jax/flax/optax/numpy.
+
+--compare-torch: also an equivalent PyTorch r3d_18 step (and eval-mode forward), alternating ours/torch in
+the same process, torch on as many threads as XLA uses; prints medians and ratios (ours ÷ torch). Last line:
+`train_step_time_ratio_vs_torch=<float>` for the first shape (SSL unless --shapes says otherwise).
+
+  python scripts/bench_train.py                       # jax only
+  python scripts/bench_train.py --compare-torch --repeats 5
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+
+from echojax.models.conv import resolve_conv_impl  # noqa: E402
+from echojax.models.resnet3d import ResNet3D  # noqa: E402
+
+SHAPES = {'ssl': (4, 112), 'finetune': (16, 112)}  # (frames, size)
+
+
+# ------------------------------------------------------------------------------------------ FLOP count
+def r3d_convs(frames: int, size: int, width: int = 64, in_channels: int = 3, depths=(2, 2, 2, 2)):
+  """Every conv of R3D-18 in order: (name, input (T,H,W,C), kernel, stride, padding, Cout)."""
+  convs = [('stem', (frames, size, size, in_channels), (3, 7, 7), (1, 2, 2), (1, 3, 3), width)]
+  t, h, c = frames, (size - 1) // 2 + 1, width
+  for stage, depth in enumerate(depths):
+    cout = width * 2 ** stage
+    for index in range(depth):
+      stride = 2 if stage > 0 and index == 0 else 1
+      name = f'layer{stage + 1}_{index}'
+      convs.append((f'{name}.conv1', (t, h, h, c), (3, 3, 3), (stride,) * 3, (1, 1, 1), cout))
+      if stride != 1 or c != cout:
+        convs.append((f'{name}.downsample', (t, h, h, c), (1, 1, 1), (stride,) * 3, (0, 0, 0), cout))
+      t, h = (t - 1) // stride + 1, (h - 1) // stride + 1
+      convs.append((f'{name}.conv2', (t, h, h, cout), (3, 3, 3), (1, 1, 1), (1, 1, 1), cout))
+      c = cout
+  return convs
+
+
+def conv_macs(shape, kernel, stride, padding, cout) -> int:
+  out = [(n + 2 * p - k) // s + 1 for n, k, s, p in zip(shape[:3], kernel, stride, padding)]
+  return int(np.prod(out)) * int(np.prod(kernel)) * shape[3] * cout
+
+
+def r3d_macs_per_clip(frames: int, size: int, width: int = 64, in_channels: int = 3) -> int:
+  """Analytic multiply-accumulates of one forward pass (every tap counted, padding included)."""
+  return sum(conv_macs(*c[1:]) for c in r3d_convs(frames, size, width, in_channels))
+
+
+# ------------------------------------------------------------------------------------------ timing
+def alternating_medians(fns, repeats: int):
+  """Run fns round-robin `repeats` times (after one warm-up each); per-fn median seconds."""
+  for f in fns:
+    f()
+  times = [[] for _ in fns]
+  for _ in range(repeats):
+    for i, f in enumerate(fns):
+      start = time.perf_counter()
+      f()
+      times[i].append(time.perf_counter() - start)
+  return [statistics.median(t) for t in times]
+
+
+def jax_gemm_peak(n: int = 2048, repeats: int = 7) -> float:
+  a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  matmul = jax.jit(lambda a, b: a @ b)
+  (sec,) = alternating_medians([lambda: matmul(a, a).block_until_ready()], repeats)
+  return 2 * n ** 3 / sec / 1e9
+
+
+def torch_gemm_peak(torch, n: int = 2048, repeats: int = 7) -> float:
+  a = torch.randn(n, n)
+  (sec,) = alternating_medians([lambda: torch.mm(a, a)], repeats)
+  return 2 * n ** 3 / sec / 1e9
+
+
+# ------------------------------------------------------------------------------------------ our step
+class BenchNet(nn.Module):
+  """Encoder + 1-logit linear head: the fine-tuning network's shape without its extras."""
+  conv_impl: str
+  dtype: object
+  remat: bool
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    features = ResNet3D(conv_impl=self.conv_impl, dtype=self.dtype, remat=self.remat, name='encoder')(x, train)
+    return nn.Dense(1, name='head')(features.astype(jnp.float32))[:, 0]
+
+
+def make_jax_step(args, batch, frames, size):
+  """(train_step(), forward(), compile seconds) closed over on-device state and a synthetic batch."""
+  dtype = jnp.bfloat16 if args.dtype == 'bfloat16' else jnp.float32
+  net = BenchNet(args.conv_impl, dtype, args.remat)
+  key_x, key_y, key_init = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(key_x, (batch, frames, size, size, args.in_channels), jnp.float32)
+  y = jax.random.bernoulli(key_y, 0.5, (batch,)).astype(jnp.float32)
+  variables = jax.jit(lambda: net.init(key_init, x[:1], train=False))()
+  tx = optax.adam(1e-4)
+  state = {'params': variables['params'], 'batch_stats': variables['batch_stats'],
+           'opt_state': tx.init(variables['params'])}
+
+  def train_step(state, x, y):
+    def loss_fn(params):
+      logits, updates = net.apply({'params': params, 'batch_stats': state['batch_stats']}, x, train=True,
+                                  mutable=['batch_stats'])
+      return optax.sigmoid_binary_cross_entropy(logits, y).mean(), updates['batch_stats']
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    return {'params': optax.apply_updates(state['params'], updates), 'batch_stats': batch_stats,
+            'opt_state': opt_state}, loss
+
+  start = time.perf_counter()
+  step = jax.jit(train_step, donate_argnums=(0,)).lower(state, x, y).compile()
+  compile_s = time.perf_counter() - start
+  forward = jax.jit(lambda v, x: net.apply(v, x, train=False))
+  holder = {'state': state}
+
+  def run_step():
+    holder['state'], loss = step(holder['state'], x, y)
+    loss.block_until_ready()
+
+  def run_forward():
+    s = holder['state']
+    forward({'params': s['params'], 'batch_stats': s['batch_stats']}, x).block_until_ready()
+  return run_step, run_forward, compile_s
+
+
+# ------------------------------------------------------------------------------------------ torch step
+def make_torch_step(torch, args, batch, frames, size):
+  from echojax.models.torch_reference import make_torch_r3d18
+  torch.manual_seed(0)
+  model = make_torch_r3d18(64, args.in_channels, num_classes=1)
+  x = torch.randn(batch, args.in_channels, frames, size, size)
+  if args.torch_channels_last:
+    model = model.to(memory_format=torch.channels_last_3d)
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+  y = torch.randint(0, 2, (batch,)).float()
+  opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+  loss_fn = torch.nn.BCEWithLogitsLoss()
+
+  def run_step():
+    model.train()
+    opt.zero_grad(set_to_none=True)
+    loss = loss_fn(model(x)[:, 0], y)
+    loss.backward()
+    opt.step()
+
+  def run_forward():
+    model.eval()
+    with torch.no_grad():
+      model(x)
+  return run_step, run_forward
+
+
+# ------------------------------------------------------------------------------------------ main
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--shapes', default='ssl,finetune', help='comma list of ssl, finetune')
+  parser.add_argument('--ssl-batch', type=int, default=16)
+  parser.add_argument('--finetune-batch', type=int, default=4)
+  parser.add_argument('--in-channels', type=int, default=3)
+  parser.add_argument('--conv-impl', default='auto', choices=('auto', 'xla', 'gemm'))
+  parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
+  parser.add_argument('--remat', action='store_true')
+  parser.add_argument('--repeats', type=int, default=5)
+  parser.add_argument('--no-forward', action='store_true', help='skip the eval-mode forward timing')
+  parser.add_argument('--compare-torch', action='store_true')
+  parser.add_argument('--torch-channels-last', action='store_true',
+                      help='torch model and input in channels_last_3d (default: torch default NCDHW)')
+  args = parser.parse_args(argv)
+  shapes = [s.strip() for s in args.shapes.split(',') if s.strip()]
+  for s in shapes:
+    if s not in SHAPES:
+      parser.error(f'unknown shape {s!r}; have {sorted(SHAPES)}')
+
+  threads = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  torch = None
+  if args.compare_torch:
+    try:
+      import torch
+      torch.set_num_threads(threads)
+    except ImportError:
+      print('torch is not installed: skipping --compare-torch (pip install torch to enable it)')
+  print(f'jax {jax.__version__} backend={jax.default_backend()} devices={len(jax.devices())} '
+        f'conv_impl={args.conv_impl}->{resolve_conv_impl(args.conv_impl)} dtype={args.dtype} '
+        f'remat={args.remat} cpus={threads}' +
+        (f' | torch {torch.__version__} threads={torch.get_num_threads()}'
+         f' layout={"channels_last_3d" if args.torch_channels_last else "NCDHW"}' if torch else ''))
+  peak = jax_gemm_peak()
+  line = f'f32 GEMM peak (2048², median): jax {peak:.0f} GFLOP/s'
+  if torch:
+    line += f', torch {torch_gemm_peak(torch):.0f} GFLOP/s'
+  print(line, flush=True)
+
+  first = None
+  for name in shapes:
+    frames, size = SHAPES[name]
+    batch = args.ssl_batch if name == 'ssl' else args.finetune_batch
+    macs = r3d_macs_per_clip(frames, size, 64, args.in_channels)
+    step, forward, compile_s = make_jax_step(args, batch, frames, size)
+    fns, labels = [step], ['jax.train']
+    if not args.no_forward:
+      fns.append(forward)
+      labels.append('jax.forward')
+    if torch:
+      t_step, t_forward = make_torch_step(torch, args, batch, frames, size)
+      fns.insert(1, t_step)
+      labels.insert(1, 'torch.train')
+      if not args.no_forward:
+        fns.append(t_forward)
+        labels.append('torch.forward')
+    med = dict(zip(labels, alternating_medians(fns, args.repeats)))
+    print(f'[{name}] {frames}x{size}² batch {batch}: {macs / 1e9:.2f} GMAC/clip forward, compile '
+          f'{compile_s:.1f} s, {args.repeats} alternating repeats')
+    for label, sec in med.items():
+      flops = 2 * macs * batch * (3 if label.endswith('train') else 1)
+      gf = flops / sec / 1e9
+      print(f'  {label:14s} median {sec:7.3f} s  {batch / sec:6.2f} clips/s  {gf:6.0f} GFLOP/s '
+            f'({gf / peak:.0%} of jax GEMM peak)')
+    if torch:
+      ratio = med['jax.train'] / med['torch.train']
+      extra = f', forward {med["jax.forward"] / med["torch.forward"]:.2f}' if not args.no_forward else ''
+      print(f'  ours/torch: train {ratio:.2f}{extra}', flush=True)
+      if first is None:
+        first = ('train_step_time_ratio_vs_torch', ratio)
+    elif first is None:
+      first = ('train_clips_per_s', batch / med['jax.train'])
+    sys.stdout.flush()
+  print(f'{first[0]}={first[1]:.4f}')
+
+
+if __name__ == '__main__':
+  main()

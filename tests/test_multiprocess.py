@@ -1,0 +1,71 @@
+"""Two JAX processes on 127.0.0.1 (2 CPU devices each, gloo collectives) running one jitted SSL step on their
+halves of a fixed global batch give the single-process loss, gradients, parameters and BN statistics."""
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from echojax import parallel
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import multiprocess_worker as worker  # noqa: E402
+
+NUM_PROCESSES = 2
+DEVICES_PER_PROCESS = 2
+TIMEOUT_S = 120
+
+
+def free_port() -> int:
+  with socket.socket() as sock:
+    sock.bind(('127.0.0.1', 0))
+    return sock.getsockname()[1]
+
+
+def worker_env() -> dict[str, str]:
+  env = dict(os.environ)
+  env.update(JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES=str(DEVICES_PER_PROCESS),
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}',
+             PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), env.get('PYTHONPATH', '')]))
+  for key in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID'):
+    env.pop(key, None)
+  return env
+
+
+def run_workers(out_dir) -> list[dict[str, np.ndarray]]:
+  port = free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, os.path.join(HERE, 'multiprocess_worker.py'), '--process-id', str(i),
+       '--num-processes', str(NUM_PROCESSES), '--port', str(port), '--out', str(out_dir)],
+      env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(NUM_PROCESSES)]
+  logs, failed = [], False
+  for i, proc in enumerate(procs):
+    try:
+      stdout, stderr = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+      for other in procs:
+        other.kill()
+      stdout, stderr = proc.communicate()
+      stderr += f'\n[timed out after {TIMEOUT_S} s]'
+    failed |= proc.returncode != 0
+    logs.append(f'--- process {i} (rc={proc.returncode})\n{stdout}\n{stderr}')
+  if failed:
+    pytest.fail('multi-process worker failed:\n' + '\n'.join(logs))
+  return [dict(np.load(os.path.join(out_dir, f'process_{i}.npz'))) for i in range(NUM_PROCESSES)]
+
+
+def test_two_processes_match_single_process(tmp_path):
+  results = run_workers(tmp_path)
+  reference = worker.ssl_step_outputs(parallel.make_mesh(devices=jax.devices()[:1]), worker.fixed_ssl_batch())
+  assert float(reference['finite']) == 1.0 and np.abs(reference['grads']).max() > 1e-3
+  for i, result in enumerate(results):
+    assert int(result['num_global_devices']) == NUM_PROCESSES * DEVICES_PER_PROCESS
+    assert int(result['num_local_devices']) == DEVICES_PER_PROCESS
+    for name in ('loss', 'grads', 'params', 'batch_stats', 'step', 'finite'):
+      np.testing.assert_allclose(result[name], reference[name], rtol=1e-5, atol=1e-6,
+                                 err_msg=f'process {i}: {name}')
