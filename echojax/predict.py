@@ -45,8 +45,9 @@ def _read_videos(entries, rejects):
   return videos
 
 
-def load_inputs(path: str, work_dir: str):
-  """→ (videos [(study_id, video_id, uint8 (T,H,W))], rejects [(path, reason)])."""
+def load_inputs(path: str, work_dir: str, salt: str | None = None):
+  """→ (videos [(study_id, video_id, uint8 (T,H,W))], rejects [(path, reason)]). DICOM inputs are converted
+  (masked, de-identified) first; their ids are salted hashes (salt: argument or $ECHOJAX_DICOM_SALT)."""
   rejects: list[tuple[str, str]] = []
   if not os.path.exists(path):
     raise FileNotFoundError(f'input not found: {path}')
@@ -67,16 +68,16 @@ def load_inputs(path: str, work_dir: str):
   dicoms = [f for f in files if _is_dicom(f) or f.lower().endswith('.dcm')]
   if dicoms:
     from echojax.data import convert_dicom
+    salt = salt or os.environ.get('ECHOJAX_DICOM_SALT')
+    if not salt:
+      raise ValueError('DICOM input needs a salt for the de-identified ids: pass --salt or set '
+                       'ECHOJAX_DICOM_SALT (keep it to map predictions back to studies)')
     out = os.path.join(work_dir, 'dicom_converted')
-    convert_dicom.convert_dicom_folder(root if os.path.isdir(path) else os.path.dirname(path), out,
-                                       salt=os.environ.get('ECHOJAX_SALT', 'echojax-predict'))
-    manifest = convert_dicom.read_manifest(out)
-    entries = [(m['study_id'], m['video_id'], os.path.join(out, m['fpath'])) for m in manifest
-               if m.get('status', 'ok') == 'ok']
-    rej_path = os.path.join(out, 'rejected.csv')
-    if os.path.exists(rej_path):
-      rejects += [(r['path'] if 'path' in r else list(r.values())[0], r.get('reason', ''))
-                  for r in csv.DictReader(open(rej_path))]
+    convert_dicom.convert_dicom_folder(root, out, salt=salt, progress=False)
+    entries = [(m['study_id'], m['video_id'], m['path']) for m in convert_dicom.read_manifest(out)]
+    rejects += [(r['path'], r['reason']) for r in convert_dicom.read_rejects(out)]
+    rejects += [(f, 'not a video or DICOM file') for f in files
+                if f not in dicoms and not f.lower().endswith(VIDEO_EXTS)]
     return _read_videos(entries, rejects), rejects
   vids = [f for f in files if f.lower().endswith(VIDEO_EXTS)]
   rejects += [(f, 'not a video or DICOM file') for f in files if f not in vids]
@@ -84,12 +85,12 @@ def load_inputs(path: str, work_dir: str):
   return _read_videos(entries, rejects), rejects
 
 
-def predict(checkpoint: str, input_path: str, out_dir: str, batch_size: int = 8) -> dict:
+def predict(checkpoint: str, input_path: str, out_dir: str, salt: str | None = None) -> dict:
   import jax
   import jax.numpy as jnp
   from echojax import builders, clips as clip_lib
   os.makedirs(out_dir, exist_ok=True)
-  videos, rejects = load_inputs(input_path, out_dir)
+  videos, rejects = load_inputs(input_path, out_dir, salt)
   with open(os.path.join(out_dir, 'rejected.csv'), 'w', newline='') as f:
     w = csv.writer(f)
     w.writerow(['path', 'reason'])
@@ -128,8 +129,9 @@ def main(argv=None):
   parser.add_argument('--input', required=True, help='DICOM folder, video folder, or manifest CSV')
   parser.add_argument('--out', default='predictions')
   parser.add_argument('--saliency', action='store_true', help='also write Grad-CAM images per study')
+  parser.add_argument('--salt', default=None, help='salt for DICOM ids (default $ECHOJAX_DICOM_SALT)')
   args = parser.parse_args(argv)
-  result = predict(args.checkpoint, args.input, args.out)
+  result = predict(args.checkpoint, args.input, args.out, args.salt)
   for r in result['studies']:
     print(f"{r['study_id']}: p(severe AS)={r['prob']:.3f} over {r['n_videos']} video(s)")
   print(f'wrote {args.out}/study_predictions.csv, video_predictions.csv; {len(result["rejects"])} rejected')

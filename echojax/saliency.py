@@ -97,9 +97,10 @@ def main(argv=None):
   parser.add_argument('--input', required=True, help='video file, DICOM file, folder, or manifest CSV')
   parser.add_argument('--out', default='saliency_out')
   parser.add_argument('--max-videos', type=int, default=3, help='per study')
+  parser.add_argument('--salt', default=None, help='salt for DICOM ids (default $ECHOJAX_DICOM_SALT)')
   args = parser.parse_args(argv)
   from echojax import predict
-  videos, rejects = predict.load_inputs(args.input, os.path.join(args.out, 'converted'))
+  videos, rejects = predict.load_inputs(args.input, os.path.join(args.out, 'converted'), args.salt)
   if not videos:
     raise SystemExit(f'no usable video in {args.input}; rejects: {rejects}')
   for r in saliency_for_videos(args.checkpoint, videos, args.out, args.max_videos):

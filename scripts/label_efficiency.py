@@ -23,17 +23,19 @@ import ml_collections  # noqa: E402
 
 PRESETS = {
     # CPU-feasible: tiny R3D (width 8, one block per stage), 64×64 frames, 16-frame fine-tuning clips.
+    # 8-frame fine-tuning/eval clips instead of 16 (and 4-frame SSL clips as the paper).
     'cpu': dict(dataset='synthetic_echo', builder_config='benchmark', width=8, depths=(1, 1, 1, 1),
-                image_size=64, ssl_steps=1500, ssl_batch=64, ssl_lr=1e-3,
-                fractions=(0.01, 0.05, 0.25, 1.0), seeds=(0,), ft_epochs=8, ft_batch=32, ft_lr=1e-3,
-                ft_patience=3, ft_steps_per_epoch=60, methods=('simclr', 'mi_simclr', 'echoclr')),
+                image_size=64, clip_len=8, ssl_steps=500, ssl_batch=32, ssl_lr=1e-3,
+                fractions=(0.02, 0.1, 1.0), seeds=(0,), ft_epochs=5, ft_batch=32, ft_lr=3e-4,
+                ft_patience=3, ft_steps_per_epoch=30, methods=('echoclr', 'mi_simclr', 'simclr')),
     # A quick smoke preset (used by the tests): tiny everything.
-    'smoke': dict(dataset='synthetic_echo', builder_config='small', width=4, depths=(1, 1, 1, 1),
-                  image_size=32, ssl_steps=4, ssl_batch=8, ssl_lr=1e-3, fractions=(0.5, 1.0), seeds=(0,),
+    'smoke': dict(dataset='synthetic_echo', builder_config='ci', width=4, depths=(1, 1, 1, 1),
+                  image_size=32, clip_len=8, ssl_steps=4, ssl_batch=8, ssl_lr=1e-3, fractions=(0.5, 1.0), seeds=(0,),
                   ft_epochs=1, ft_batch=8, ft_lr=1e-3, ft_patience=1, ft_steps_per_epoch=2,
                   methods=('echoclr',)),
     # The paper's grid (GPU/TPU): R3D-18 at 112², paper hyperparameters.
     'paper': dict(dataset='echo_studies', builder_config='', width=64, depths=(2, 2, 2, 2), image_size=112,
+                  clip_len=16,
                   ssl_steps=-1, ssl_batch=392, ssl_lr=0.1, fractions=(0.01, 0.05, 0.10, 0.25, 0.5, 0.75, 1.0),
                   seeds=(0, 1, 2), ft_epochs=30, ft_batch=88, ft_lr=1e-4, ft_patience=5,
                   ft_steps_per_epoch=-1, methods=('simclr', 'mi_simclr', 'echoclr')),
@@ -44,6 +46,7 @@ def _apply_data(cfg, p, args):
   cfg.data.name = p['dataset']
   cfg.data.builder_config = p['builder_config']
   cfg.data.image_size = p['image_size']
+  cfg.data.finetune_clip_len = cfg.data.eval_clip_len = p['clip_len']
   if args.data_dir:
     cfg.data.data_dir = args.data_dir
   if args.manual_dir:

@@ -111,6 +111,10 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                           num_train=1500, num_val=200, num_test=300),
       SyntheticEchoConfig(name='tiny', description='12 short-video studies (8/2/2) for tests.',
                           num_train=8, num_val=2, num_test=2, max_frames=40),
+      SyntheticEchoConfig(name='ci', description='28 short-video studies (16/6/6, 40 % severe) for the '
+                          'trainer tests: every split has both classes.',
+                          num_train=16, num_val=6, num_test=6, severe_fraction=0.4, min_frames=20,
+                          max_frames=36),
   ]
   DEFAULT_CONFIG_NAME = 'small'
 

@@ -45,9 +45,18 @@ def conv3d(x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding: Seq
 
 
 # ----------------------------------------------------------------------------------------------------------
-# GEMM path. Every product below is a gather of shifted (strided) windows + one matmul; a tap whose windows
-# lie entirely in the zero padding is dropped (e.g. the temporal taps once T has shrunk to 1), which changes
-# no value: it only ever multiplies zeros.
+# GEMM path. Every product is a gather of shifted (strided) windows + a matmul, chunked over the output so
+# the patch matrix stays cache-sized and no step allocates a huge fresh temporary. Two engines:
+#  * im2col (any stride): patches over all taps, one dot with K = taps·C.
+#  * temporal fold (temporal stride 1, i.e. ~90% of R3D-18's FLOPs): patches over the spatial taps only,
+#    Q = P @ [W_t0 | W_t1 | W_t2], and out[t] = Σ_j Q[t + d_j][block j]: the temporal taps move to the
+#    output side, so each frame's patches are built once instead of once per temporal tap (3× fewer bytes).
+# A tap whose windows lie entirely in the zero padding (e.g. temporal taps once T = 1) is dropped: it only
+# ever multiplies zeros, so values are unchanged and its kernel gradient is exactly zero.
+
+# Patch bytes per chunk: large enough for an efficient GEMM, small enough to stay cache-resident and to
+# avoid one huge freshly-mapped temporary per step (page faults dominated unchunked im2col on CPU).
+_CHUNK_BYTES = 4 << 20
 
 
 def _out_size(n: int, k: int, s: int, p: int) -> int:
@@ -56,95 +65,11 @@ def _out_size(n: int, k: int, s: int, p: int) -> int:
 
 def _live_taps(n: int, k: int, s: int, p: int) -> list[int]:
   """Kernel offsets along one dim that touch at least one real (unpadded) input element."""
-  o = _out_size(n, k, s, p)
-  return [j for j in range(k) if any(0 <= i * s + j - p < n for i in range(o))]
-
-
-# Patch bytes per chunk: large enough for an efficient GEMM, small enough to stay cache-resident and to
-# avoid one huge freshly-mapped temporary per step (page faults dominated unchunked im2col on CPU).
-_CHUNK_BYTES = 4 << 20
+  return [j for j in range(k) if any(0 <= i * s + j - p < n for i in range(_out_size(n, k, s, p)))]
 
 
 def _largest_divisor(n: int, cap: int) -> int:
   return max(d for d in range(1, n + 1) if n % d == 0 and d <= max(cap, 1))
-
-
-def _chunking(batch: int, out_sizes, row_bytes: int) -> tuple[int, int, int]:
-  """Chunk (batch items, output frames, output rows) so a chunk's patch matrix fits _CHUNK_BYTES.
-
-  Only the outermost split dim is partial, so stacking the chunks in loop order is already the output.
-  """
-  rows = max(1, _CHUNK_BYTES // row_bytes)
-  frames, height, width = out_sizes
-  frame, clip = height * width, frames * height * width
-  if rows >= clip:
-    return _largest_divisor(batch, rows // clip), frames, height
-  if rows >= frame:
-    return 1, _largest_divisor(frames, rows // frame), height
-  return 1, 1, _largest_divisor(height, rows // width)
-
-
-def _patches(src, corner, chunk, starts, strides):
-  """im2col of one chunk: (bb,tb,hb,Wo, taps*C) windows of `src` for outputs starting at `corner`."""
-  bb, tb, hb, wo = chunk
-  base = [min(s) for s in starts]
-  extent = [(n - 1) * st + max(s) - b + 1 for n, st, s, b in zip((tb, hb, wo), strides, starts, base)]
-  b0, t0, h0 = corner
-  window = lax.dynamic_slice(
-      src, (b0, t0 * strides[0] + base[0], h0 * strides[1] + base[1], base[2], 0),
-      (bb, *extent, src.shape[-1]))
-  cols = []
-  for origin in itertools.product(*starts):
-    rel = [o - b for o, b in zip(origin, base)]
-    limit = [r + (n - 1) * st + 1 for r, n, st in zip(rel, (tb, hb, wo), strides)]
-    cols.append(lax.slice(window, (0, *rel, 0), (bb, *limit, src.shape[-1]), (1, *strides, 1)))
-  return cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
-
-
-def _chunk_loop(batch, out_sizes, row_bytes):
-  """(chunk shape, number of chunks, index → chunk corner)."""
-  bb, tb, hb = _chunking(batch, out_sizes, row_bytes)
-  counts = (batch // bb, out_sizes[0] // tb, out_sizes[1] // hb)
-  def corner(i):
-    return (i // (counts[1] * counts[2]) * bb, i // counts[2] % counts[1] * tb, i % counts[2] * hb)
-  return (bb, tb, hb, out_sizes[2]), counts[0] * counts[1] * counts[2], corner
-
-
-def _gather_matmul(src, starts, out_sizes, strides, wmat):
-  """sum over taps of src[:, origin + stride*i] @ wmat[tap]: im2col + one dot, chunked over the output.
-
-  src (B,T',H',W',C) already padded; starts: per-dim lists of window origins (the tap grid is their
-  product, C-order, matching wmat's row blocks of C rows); out_sizes/strides per dim.
-  """
-  batch = src.shape[0]
-  chunk, count, corner = _chunk_loop(batch, out_sizes, wmat.shape[0] * src.dtype.itemsize)
-  def one(i):
-    return lax.dot_general(_patches(src, corner(i), chunk, starts, strides), wmat, (((4,), (0,)), ((), ())))
-  if count == 1:
-    return one(0)
-  out = lax.map(one, jnp.arange(count))
-  return out.reshape(batch, *out_sizes, wmat.shape[1])
-
-
-def _gather_matmul_transposed(src, starts, strides, dy):
-  """patches(src)^T @ dy summed over batch and output positions: (taps*C, N), accumulated chunk by chunk."""
-  batch, out_sizes, n = dy.shape[0], dy.shape[1:4], dy.shape[-1]
-  taps = len(list(itertools.product(*starts)))
-  chunk, count, corner = _chunk_loop(batch, out_sizes, taps * src.shape[-1] * src.dtype.itemsize)
-  acc_dtype = jnp.promote_types(dy.dtype, jnp.float32)
-  def one(i):
-    b0, t0, h0 = corner(i)
-    g = lax.dynamic_slice(dy, (b0, t0, h0, 0, 0), (*chunk, n))
-    # dy^T @ patches contracts dy's small minor dim against the patches' rows (a plain NN GEMM); the
-    # patches^T @ dy form made XLA transpose every patch matrix first.
-    return lax.dot_general(g, _patches(src, (b0, t0, h0), chunk, starts, strides),
-                           (((0, 1, 2, 3), (0, 1, 2, 3)), ((), ())), preferred_element_type=acc_dtype)
-  if count == 1:
-    return one(0).T
-  def body(acc, i):
-    return acc + one(i), None
-  acc, _ = lax.scan(body, jnp.zeros((n, taps * src.shape[-1]), acc_dtype), jnp.arange(count))
-  return acc.T
 
 
 def _pad(x, lo, hi):
@@ -153,97 +78,239 @@ def _pad(x, lo, hi):
   return lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0)] + [(l, h, 0) for l, h in zip(lo, hi)] + [(0, 0, 0)])
 
 
-def _forward_plan(in_sizes, ksize, strides, padding):
-  out_sizes = [_out_size(n, k, s, p) for n, k, s, p in zip(in_sizes, ksize, strides, padding)]
-  live = [_live_taps(n, k, s, p) for n, k, s, p in zip(in_sizes, ksize, strides, padding)]
-  # Pad only as far as the live taps reach (a dropped tap may be what needed the padding).
-  lo = [max(0, p - min(js)) for p, js in zip(padding, live)]
-  hi = [max(0, max(js) - p + (o - 1) * s + 1 - n)
-        for p, js, o, s, n in zip(padding, live, out_sizes, strides, in_sizes)]
-  starts = [[j - p + l for j in js] for js, p, l in zip(live, padding, lo)]
-  return out_sizes, live, lo, hi, starts
+def _acc_dtype(dtype):
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _patches(src, corner, chunk, starts, strides):
+  """im2col of one chunk: (bb,tb,hb,wo, taps·C) windows of `src` for the outputs starting at `corner`."""
+  base = [min(s) for s in starts]
+  extent = [(n - 1) * st + max(s) - b + 1 for n, st, s, b in zip(chunk[1:], strides, starts, base)]
+  b0, t0, h0 = corner
+  window = lax.dynamic_slice(src, (b0, t0 * strides[0] + base[0], h0 * strides[1] + base[1], base[2], 0),
+                             (chunk[0], *extent, src.shape[-1]))
+  cols = []
+  for origin in itertools.product(*starts):
+    rel = [o - b for o, b in zip(origin, base)]
+    limit = [r + (n - 1) * st + 1 for r, n, st in zip(rel, chunk[1:], strides)]
+    cols.append(lax.slice(window, (0, *rel, 0), (chunk[0], *limit, src.shape[-1]), (1, *strides, 1)))
+  return cols[0] if len(cols) == 1 else jnp.concatenate(cols, axis=-1)
+
+
+def _chunks(batch, frames, height, width, row_bytes):
+  """Chunk (batch items, frames, rows) of the output so one chunk's patches fit _CHUNK_BYTES.
+
+  Only the outermost split dim is partial, so chunks in loop order tile the output contiguously.
+  """
+  rows = max(1, _CHUNK_BYTES // row_bytes)
+  frame, clip = height * width, frames * height * width
+  if rows >= clip:
+    return _largest_divisor(batch, rows // clip), frames, height
+  if rows >= frame:
+    return 1, _largest_divisor(frames, rows // frame), height
+  return 1, 1, _largest_divisor(height, rows // width)
+
+
+def _loop(out_shape, chunk, compute, dtype):
+  """Assemble `compute(corner)` (one chunk of the output) over every chunk: one call, or a scan."""
+  counts = [n // c for n, c in zip(out_shape[:3], chunk)]
+  if counts == [1, 1, 1]:
+    return compute((0, 0, 0))
+  def corner(i):
+    return (i // (counts[1] * counts[2]) * chunk[0], i // counts[2] % counts[1] * chunk[1],
+            i % counts[2] * chunk[2])
+  def body(out, i):
+    c = corner(i)
+    return lax.dynamic_update_slice(out, compute(c), (c[0], c[1], c[2], 0, 0)), None
+  out, _ = lax.scan(body, jnp.zeros(out_shape, dtype), jnp.arange(counts[0] * counts[1] * counts[2]))
+  return out
+
+
+def _accumulate(count_shape, chunk, compute, acc_shape, dtype):
+  """Σ over chunks of compute(corner), as a scan with an accumulator (one call if a single chunk)."""
+  counts = [n // c for n, c in zip(count_shape, chunk)]
+  if counts == [1, 1, 1]:
+    return compute((0, 0, 0))
+  def body(acc, i):
+    c = (i // (counts[1] * counts[2]) * chunk[0], i // counts[2] % counts[1] * chunk[1],
+         i % counts[2] * chunk[2])
+    return acc + compute(c), None
+  acc, _ = lax.scan(body, jnp.zeros(acc_shape, dtype), jnp.arange(counts[0] * counts[1] * counts[2]))
+  return acc
 
 
 def _tap_matrix(kernel, taps):
-  """Rows of the im2col weight matrix: kernel[a, b, c] (Cin, Cout) for each tap of the grid, C-order."""
+  """im2col weights: kernel[a, b, c] (Cin, Cout) stacked over the tap grid (C-order) → (taps·Cin, Cout)."""
   return jnp.concatenate([kernel[a, b, c] for a, b, c in itertools.product(*taps)], axis=0)
 
 
+def _fold_matrix(kernel, taps):
+  """Temporal-fold weights: rows (spatial tap, Cin), column blocks per temporal tap → (hw·Cin, t·Cout)."""
+  return jnp.concatenate([_tap_matrix(kernel, [[a], taps[1], taps[2]]) for a in taps[0]], axis=1)
+
+
+# ------------------------------------------------------------------------------------------ engines
+def _im2col_matmul(src, starts, out_sizes, strides, wmat):
+  """out[b,t,h,w] = Σ_taps src[b, t·st + ot, h·sh + oh, w·sw + ow] @ W_tap; src padded, origins `starts`."""
+  batch, isz = src.shape[0], src.dtype.itemsize
+  chunk = _chunks(batch, *out_sizes, wmat.shape[0] * isz)
+  def compute(corner):
+    p = _patches(src, corner, (*chunk, out_sizes[2]), starts, strides)
+    return lax.dot_general(p, wmat, (((4,), (0,)), ((), ())))
+  return _loop((batch, *out_sizes, wmat.shape[1]), chunk, compute, src.dtype)
+
+
+def _im2col_matmul_t(src, starts, strides, dy):
+  """Σ_{b,positions} patches^T ⊗ dy as (N, taps·C): dy^T @ patches is a plain NN GEMM per chunk (the
+  patches^T @ dy form made XLA transpose every patch matrix first)."""
+  batch, out_sizes, n = dy.shape[0], dy.shape[1:4], dy.shape[-1]
+  k = len(list(itertools.product(*starts))) * src.shape[-1]
+  chunk = _chunks(batch, *out_sizes, k * src.dtype.itemsize)
+  acc = _acc_dtype(dy.dtype)
+  def compute(corner):
+    g = lax.dynamic_slice(dy, (*corner, 0, 0), (*chunk, out_sizes[2], n))
+    p = _patches(src, corner, (*chunk, out_sizes[2]), starts, strides)
+    return lax.dot_general(g, p, (((0, 1, 2, 3), (0, 1, 2, 3)), ((), ())), preferred_element_type=acc)
+  return _accumulate((batch, *out_sizes[:2]), chunk, compute, (n, k), acc)
+
+
+def _frame_chunks(batch, frames, height, width, row_bytes):
+  """(batch items, rows) per temporal-fold chunk; a chunk always holds every frame."""
+  bb, _, hb = _chunks(batch, 1, height, width, row_bytes * frames)
+  return bb, frames, hb
+
+
+def _shift_frames(q, offsets, frames, n):
+  """Σ_j q[:, t + d_j, ..., block j] for t < frames, zero where t + d_j falls outside q's frames."""
+  lo, hi = max(0, -min(offsets)), max(0, max(offsets) + frames - q.shape[1])
+  q = _pad(q, (lo, 0, 0), (hi, 0, 0))
+  terms = [q[:, d + lo:d + lo + frames, ..., j * n:(j + 1) * n] for j, d in enumerate(offsets)]
+  return functools.reduce(jnp.add, terms)
+
+
+def _tfold_matmul(src, offsets, starts_hw, out_sizes, strides_hw, wq):
+  """out[b,t] = Σ_j (P[b, t + d_j] @ W_j): src padded in H,W only (frames outside it count as zero)."""
+  batch, frames = src.shape[:2]
+  n = wq.shape[1] // len(offsets)
+  bb, _, hb = _frame_chunks(batch, frames, *out_sizes[1:], wq.shape[0] * src.dtype.itemsize)
+  acc = _acc_dtype(src.dtype)
+  def compute(corner):
+    p = _patches(src, (corner[0], 0, corner[2]), (bb, frames, hb, out_sizes[2]), [[0], *starts_hw],
+                 (1, *strides_hw))
+    q = lax.dot_general(p, wq, (((4,), (0,)), ((), ())), preferred_element_type=acc)
+    return _shift_frames(q, offsets, out_sizes[0], n).astype(src.dtype)
+  return _loop((batch, *out_sizes, n), (bb, out_sizes[0], hb), compute, src.dtype)
+
+
+def _tfold_matmul_t(src, offsets, starts_hw, strides_hw, dy):
+  """Kernel gradient of _tfold_matmul as (t·N, hw·C): Σ dy3^T @ P with dy3[f, block j] = dy[f - d_j]."""
+  batch, frames = src.shape[:2]
+  out_frames, ho, wo, n = dy.shape[1:]
+  k = len(starts_hw[0]) * len(starts_hw[1]) * src.shape[-1]
+  bb, _, hb = _frame_chunks(batch, frames, ho, wo, k * src.dtype.itemsize)
+  acc = _acc_dtype(dy.dtype)
+  def compute(corner):
+    p = _patches(src, (corner[0], 0, corner[2]), (bb, frames, hb, wo), [[0], *starts_hw], (1, *strides_hw))
+    g = lax.dynamic_slice(dy, (corner[0], 0, corner[2], 0, 0), (bb, out_frames, hb, wo, n))
+    lo, hi = max(0, max(offsets)), max(0, frames - min(offsets) - out_frames)
+    g = _pad(g, (lo, 0, 0), (hi, 0, 0))
+    g3 = jnp.concatenate([g[:, lo - d:lo - d + frames] for d in offsets], axis=-1)
+    return lax.dot_general(g3, p, (((0, 1, 2, 3), (0, 1, 2, 3)), ((), ())), preferred_element_type=acc)
+  return _accumulate((batch, 1, ho), (bb, 1, hb), compute, (len(offsets) * n, k), acc)
+
+
+# ------------------------------------------------------------------------------------------ conv + VJP
+def _plan(in_sizes, ksize, strides, padding):
+  """Output sizes, live taps per dim, and the (lo, hi) padding the live taps need (≤ the conv's)."""
+  out_sizes = [_out_size(n, k, s, p) for n, k, s, p in zip(in_sizes, ksize, strides, padding)]
+  live = [_live_taps(n, k, s, p) for n, k, s, p in zip(in_sizes, ksize, strides, padding)]
+  lo = [max(0, p - min(js)) for p, js in zip(padding, live)]
+  hi = [max(0, max(js) - p + (o - 1) * s + 1 - n)
+        for p, js, o, s, n in zip(padding, live, out_sizes, strides, in_sizes)]
+  return out_sizes, live, lo, hi
+
+
 def _conv_forward(x, kernel, strides, padding):
-  out_sizes, live, lo, hi, starts = _forward_plan(x.shape[1:4], kernel.shape[:3], strides, padding)
-  wmat = _tap_matrix(kernel, live)
-  return _gather_matmul(_pad(x, lo, hi), starts, out_sizes, strides, wmat)
+  out_sizes, live, lo, hi = _plan(x.shape[1:4], kernel.shape[:3], strides, padding)
+  if strides[0] == 1:
+    starts_hw = [[j - p + l for j in js] for js, p, l in zip(live[1:], padding[1:], lo[1:])]
+    return _tfold_matmul(_pad(x, (0, *lo[1:]), (0, *hi[1:])), [j - padding[0] for j in live[0]], starts_hw,
+                         out_sizes, strides[1:], _fold_matrix(kernel, live))
+  starts = [[j - p + l for j in js] for js, p, l in zip(live, padding, lo)]
+  return _im2col_matmul(_pad(x, lo, hi), starts, out_sizes, strides, _tap_matrix(kernel, live))
 
 
 def _conv_dkernel(x, dy, kernel_shape, strides, padding):
-  """dL/dkernel = patches(x)^T @ dy, contracted over batch and output positions."""
-  out_sizes, live, lo, hi, starts = _forward_plan(x.shape[1:4], kernel_shape[:3], strides, padding)
-  dw_live = _gather_matmul_transposed(_pad(x, lo, hi), starts, strides, dy)
-  cin, cout = kernel_shape[3], kernel_shape[4]
-  dw_live = dw_live.reshape(len(live[0]), len(live[1]), len(live[2]), cin, cout)
-  if all(len(js) == k for js, k in zip(live, kernel_shape[:3])):
-    return dw_live
-  # Dropped taps only ever saw padding: their gradient is exactly zero.
+  """dL/dkernel = Σ patches(x)^T dy over batch and output positions; zero for dropped taps."""
+  out_sizes, live, lo, hi = _plan(x.shape[1:4], kernel_shape[:3], strides, padding)
+  cin, cout = kernel_shape[3:]
+  counts = [len(js) for js in live]
+  if strides[0] == 1:
+    starts_hw = [[j - p + l for j in js] for js, p, l in zip(live[1:], padding[1:], lo[1:])]
+    g = _tfold_matmul_t(_pad(x, (0, *lo[1:]), (0, *hi[1:])), [j - padding[0] for j in live[0]], starts_hw,
+                        strides[1:], dy)
+    dw = g.reshape(counts[0], cout, counts[1], counts[2], cin).transpose(0, 2, 3, 4, 1)
+  else:
+    starts = [[j - p + l for j in js] for js, p, l in zip(live, padding, lo)]
+    g = _im2col_matmul_t(_pad(x, lo, hi), starts, strides, dy)
+    dw = g.T.reshape(*counts, cin, cout)
+  if counts == list(kernel_shape[:3]):
+    return dw
   index = {tap: i for i, tap in enumerate(itertools.product(*live))}
-  flat = dw_live.reshape(-1, cin, cout)
-  zero = jnp.zeros((cin, cout), dw_live.dtype)
-  taps = [flat[index[t]] if t in index else zero for t in itertools.product(*[range(k) for k in kernel_shape[:3]])]
-  return jnp.stack(taps).reshape(kernel_shape)
+  flat, zero = dw.reshape(-1, cin, cout), jnp.zeros((cin, cout), dw.dtype)
+  grid = itertools.product(*[range(k) for k in kernel_shape[:3]])
+  return jnp.stack([flat[index[t]] if t in index else zero for t in grid]).reshape(kernel_shape)
 
 
 def _conv_dinput(dy, kernel, in_sizes, strides, padding):
-  """dL/dx as stride-1 gather-matmuls over dy, one per residue class of x modulo the stride.
+  """dL/dx as stride-1 correlations of dy, one per residue class of x modulo the stride.
 
-  x[m*s + r] receives dy[i] @ W[j]^T for every tap j with i*s + j - p = m*s + r, i.e. j ≡ r + p (mod s) and
-  i = m + (r + p - j)/s: a stride-1 correlation of dy for each r, so no dilated conv and no zero-stuffing.
+  x[m·s + r] receives dy[i] @ W[j]^T for every tap j with i·s + j - p = m·s + r, i.e. j ≡ r + p (mod s) and
+  i = m + (r + p - j)/s: a stride-1 correlation of dy for each r — no dilated conv, no zero-stuffing.
   """
   batch, cin = dy.shape[0], kernel.shape[3]
-  ksize, out_sizes = kernel.shape[:3], dy.shape[1:4]
-  per_dim = []  # per dim, per residue r: (taps j, offsets c_j, class length)
-  for n, k, s, p, o in zip(in_sizes, ksize, strides, padding, out_sizes):
+  out_sizes = dy.shape[1:4]
+  per_dim = []  # per dim, per residue r: (taps j, dy offsets c_j, class length)
+  for n, k, s, p, o in zip(in_sizes, kernel.shape[:3], strides, padding, out_sizes):
     classes = []
     for r in range(s):
       length = -(-(n - r) // s)
-      taps = [j for j in range(k) if (j - r - p) % s == 0]
-      offs = [(r + p - j) // s for j in taps]
-      keep = [(j, c) for j, c in zip(taps, offs) if any(0 <= m + c < o for m in range(length))]
-      classes.append(([j for j, _ in keep], [c for _, c in keep], length))
+      pairs = [(j, (r + p - j) // s) for j in range(k) if (j - r - p) % s == 0]
+      pairs = [(j, c) for j, c in pairs if any(0 <= m + c < o for m in range(length))]
+      classes.append(([j for j, _ in pairs], [c for _, c in pairs], length))
     per_dim.append(classes)
-  lo = [max([0] + [-c for _, offs, _ in cl for c in offs]) for cl in per_dim]
-  hi = [max([0] + [ln - 1 + c - (o - 1) for _, offs, ln in cl for c in offs])
-        for cl, o in zip(per_dim, out_sizes)]
+  # dy is padded in H and W only: frames outside dy count as zero inside the temporal fold.
+  lo = [0] + [max([0] + [-c for _, cs, _ in cl for c in cs]) for cl in per_dim[1:]]
+  hi = [0] + [max([0] + [ln - 1 + c - (o - 1) for _, cs, ln in cl for c in cs])
+              for cl, o in zip(per_dim[1:], out_sizes[1:])]
   dyp = _pad(dy, lo, hi)
-  wt = jnp.swapaxes(kernel, 3, 4)  # (kt,kh,kw,Cout,Cin)
+  wt = jnp.swapaxes(kernel, 3, 4)  # (kt,kh,kw,Cout,Cin): the transposed conv's weights
   blocks = {}
   for r in itertools.product(*[range(s) for s in strides]):
     cls = [per_dim[d][r[d]] for d in range(3)]
     lengths = [c[2] for c in cls]
-    if any(not c[0] for c in cls) or any(ln <= 0 for ln in lengths):
+    if any(not c[0] for c in cls) or min(lengths) <= 0:
       blocks[r] = jnp.zeros((batch, *[max(ln, 0) for ln in lengths], cin), dy.dtype)
       continue
-    starts = [[c + l for c in cl[1]] for cl, l in zip(cls, lo)]
-    wmat = _tap_matrix(wt, [c[0] for c in cls])
-    blocks[r] = _gather_matmul(dyp, starts, lengths, (1, 1, 1), wmat)
+    starts_hw = [[c + l for c in cl[1]] for cl, l in zip(cls[1:], lo[1:])]
+    blocks[r] = _tfold_matmul(dyp, cls[0][1], starts_hw, lengths, (1, 1),
+                              _fold_matrix(wt, [c[0] for c in cls]))
   if all(s == 1 for s in strides):
     return blocks[(0, 0, 0)]
-  # Interleave the residue classes back: pad each to the longest class, stack as a trailing stride axis.
+  # Interleave the residue classes: pad each to the longest class, stack as a trailing stride axis.
   full = [-(-n // s) for n, s in zip(in_sizes, strides)]
-  grid = {}
-  for r, b in blocks.items():
-    grid[r] = _pad(b, [0, 0, 0], [f - b.shape[d + 1] for d, f in enumerate(full)])
   def build(prefix):
     d = len(prefix)
     if d == 3:
-      return grid[prefix]
+      b = blocks[prefix]
+      return _pad(b, [0, 0, 0], [f - b.shape[i + 1] for i, f in enumerate(full)])
     parts = [build(prefix + (r,)) for r in range(strides[d])]
     if strides[d] == 1:
       return parts[0]
-    stacked = jnp.stack(parts, axis=d + 2)  # (..., full_d, s_d, ...)
-    shape = list(stacked.shape)
-    merged = shape[:d + 1] + [shape[d + 1] * shape[d + 2]] + shape[d + 3:]
-    return stacked.reshape(merged)
-  dx = build(())
-  return dx[:, :in_sizes[0], :in_sizes[1], :in_sizes[2]]
+    stacked = jnp.stack(parts, axis=d + 2)
+    shape = stacked.shape
+    return stacked.reshape(*shape[:d + 1], shape[d + 1] * shape[d + 2], *shape[d + 3:])
+  return build(())[:, :in_sizes[0], :in_sizes[1], :in_sizes[2]]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

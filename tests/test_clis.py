@@ -1,0 +1,113 @@
+"""The user-facing jobs on a tiny fine-tuned model: `configs/evaluate.py` on a checkpoint, `predict` on a
+DICOM folder / video folder / manifest CSV (and a clear message on a folder with nothing usable),
+`saliency` files, the demo end to end in a shortened form, and the label-efficiency smoke preset."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from echojax import demo, evaluate_job, finetune_trainer, predict, saliency
+from echojax.data import video_io
+from tests import dicom_fixtures
+from tests import trainer_fixtures as tf_
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return tf_.build_ci_dataset(str(tmp_path_factory.mktemp('tfds')))
+
+
+@pytest.fixture(scope='module')
+def finetuned(data_dir, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('ft'))
+  cfg = tf_.finetune_config(data_dir)
+  cfg.train.num_epochs = 1
+  cfg.eval.splits = ('val',)
+  finetune_trainer.train(cfg, workdir)
+  return workdir
+
+
+def test_evaluate_job_on_a_checkpoint(finetuned, tmp_path):
+  from configs import evaluate
+  cfg = evaluate.get_config()
+  cfg.checkpoint, cfg.splits, cfg.output, cfg.bootstrap_resamples = finetuned, 'val,test', str(tmp_path), 100
+  summaries = evaluate_job.run(cfg, str(tmp_path))
+  assert set(summaries) == {'val', 'test'}
+  summary = json.load(open(tmp_path / 'test' / 'summary.json'))
+  assert summary['study']['n_studies'] == 6
+  rows = list(csv.DictReader(open(tmp_path / 'test' / 'predictions.csv')))
+  assert {'study_id', 'video_id', 'label'} <= set(rows[0]) and len(rows) >= 6
+
+
+def test_evaluate_job_missing_checkpoint_is_named(tmp_path):
+  from configs import evaluate
+  cfg = evaluate.get_config()
+  cfg.checkpoint = str(tmp_path / 'missing_run')
+  with pytest.raises(FileNotFoundError, match='missing_run'):
+    evaluate_job.run(cfg, str(tmp_path))
+
+
+def test_predict_on_a_dicom_folder(finetuned, tmp_path):
+  src = tmp_path / 'dicom'
+  (src / 'a').mkdir(parents=True)
+  (src / 'b').mkdir()
+  dicom_fixtures.write_cine(src / 'a' / 'IM1', frames=20, seed=1, study_uid='1.2.3.4.5.1')
+  dicom_fixtures.write_cine(src / 'a' / 'IM2', frames=20, seed=2, study_uid='1.2.3.4.5.1')
+  dicom_fixtures.write_cine(src / 'b' / 'IM3', frames=20, seed=3, study_uid='1.2.3.4.5.2')
+  (src / 'b' / 'notes.txt').write_text('not an image')
+  out = tmp_path / 'pred'
+  result = predict.predict(finetuned, str(src), str(out), salt='test-salt')
+  studies = list(csv.DictReader(open(out / 'study_predictions.csv')))
+  assert sorted(int(r['n_videos']) for r in studies) == [1, 2]
+  assert all(0 <= float(r['prob']) <= 1 for r in studies)
+  assert len(list(csv.DictReader(open(out / 'video_predictions.csv')))) == 3
+  assert any('notes.txt' in p for p, _ in result['rejects'])
+  for name in os.listdir(out):
+    assert '1.2.3.4.5' not in name  # ids are salted hashes, never UIDs
+
+
+def test_predict_on_videos_and_manifest_match(finetuned, tmp_path):
+  rng = np.random.default_rng(0)
+  folder = tmp_path / 'videos'
+  folder.mkdir()
+  for name in ('s1_0', 's1_1', 's2_0'):
+    video_io.write_video(str(folder / f'{name}.avi'), rng.integers(0, 255, (20, 112, 112), np.uint8), 50)
+  by_folder = predict.predict(finetuned, str(folder), str(tmp_path / 'p1'))
+  with open(tmp_path / 'manifest.csv', 'w') as f:
+    f.write('study_id,fpath\ns1,videos/s1_0.avi\ns1,videos/s1_1.avi\ns2,videos/s2_0.avi\n')
+  by_manifest = predict.predict(finetuned, str(tmp_path / 'manifest.csv'), str(tmp_path / 'p2'))
+  a = {r['study_id']: r['prob'] for r in by_folder['studies']}
+  b = {r['study_id']: r['prob'] for r in by_manifest['studies']}
+  assert a.keys() == {'s1', 's2'} and a == pytest.approx(b)
+
+
+def test_predict_with_nothing_usable_says_so(finetuned, tmp_path):
+  folder = tmp_path / 'junk'
+  folder.mkdir()
+  (folder / 'broken.avi').write_bytes(b'not a video')
+  with pytest.raises(SystemExit, match='no usable video.*rejected.csv'):
+    predict.predict(finetuned, str(folder), str(tmp_path / 'out'))
+  rows = list(csv.DictReader(open(tmp_path / 'out' / 'rejected.csv')))
+  assert rows[0]['path'].endswith('broken.avi') and rows[0]['reason']
+
+
+def test_saliency_cli_writes_images(finetuned, tmp_path):
+  rng = np.random.default_rng(0)
+  video = str(tmp_path / 's9_0.avi')
+  video_io.write_video(video, rng.integers(0, 255, (20, 112, 112), np.uint8), 50)
+  saliency.main(['--checkpoint', finetuned, '--input', video, '--out', str(tmp_path / 'sal')])
+  files = sorted(os.listdir(tmp_path / 'sal'))
+  assert 's9_0_maxproj.png' in files and 's9_0_frames.gif' in files
+
+
+def test_demo_end_to_end_shortened(data_dir, tmp_path):
+  result = demo.run(tf_.demo_config(data_dir), str(tmp_path))
+  assert [r['init'] for r in result['rows']] == ['ssl', 'random']
+  table = open(tmp_path / 'demo_results.md').read()
+  assert 'ssl' in table and 'random' in table and '[' in table
+  assert os.path.exists(result['saliency'][0]['png'])
+  assert os.path.exists(tmp_path / 'finetune-ssl' / 'eval' / 'test' / 'summary.json')

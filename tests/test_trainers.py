@@ -1,0 +1,125 @@
+"""End-to-end trainer contracts on tiny data: SSL pretraining writes metrics/config/checkpoints, resumes
+after an interruption with continuing steps, stops on a non-finite loss keeping the last good checkpoint,
+exports an encoder that `load_encoder` serves; fine-tuning honours label fractions and writes reports."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from echojax import export, finetune_trainer, ssl_trainer, subsets
+from echojax.logging_lib import NonFiniteLossError
+from tests import trainer_fixtures as tf_
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return tf_.build_ci_dataset(str(tmp_path_factory.mktemp('tfds')))
+
+
+@pytest.fixture(scope='module')
+def ssl_run(data_dir, tmp_path_factory):
+  """4 SSL steps, interrupted after 2 and resumed by rerunning the same config on the same workdir."""
+  workdir = str(tmp_path_factory.mktemp('ssl'))
+  cfg = tf_.ssl_config(data_dir, steps=4)
+  cfg.train.stop_after_steps = 2
+  first = ssl_trainer.train(cfg, workdir)
+  cfg.train.stop_after_steps = -1
+  second = ssl_trainer.train(cfg, workdir)
+  return workdir, first, second
+
+
+def _jsonl(path):
+  return [json.loads(line) for line in open(path)]
+
+
+def test_ssl_run_writes_metrics_config_and_checkpoints(ssl_run):
+  workdir, first, second = ssl_run
+  assert json.load(open(os.path.join(workdir, 'config.json')))['ssl']['temperature'] == 0.05
+  rows = [r for r in _jsonl(os.path.join(workdir, 'metrics.jsonl')) if 'train/loss' in r]
+  assert [r['step'] for r in rows] == [1, 2, 3, 4]
+  assert all(np.isfinite(r['train/loss']) and 'train/order_acc' in r for r in rows)
+  assert any('probe/auroc' in r for r in _jsonl(os.path.join(workdir, 'metrics.jsonl')))
+  steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
+  assert steps[-1] == 4 and 2 in steps
+
+
+def test_interrupted_run_resumes_from_its_checkpoint(ssl_run):
+  _, first, second = ssl_run
+  assert first['step'] == 2 and second['step'] == 4
+  # the resumed run restored step 2's state: its optimiser step counter continued from there
+  assert int(second['state'].step) == 4
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_last_checkpoint(ssl_run, data_dir, tmp_path):
+  workdir = str(tmp_path / 'nan')
+  cfg = tf_.ssl_config(data_dir, steps=4)
+  cfg.train.stop_after_steps = 2
+  ssl_trainer.train(cfg, workdir)
+  cfg.train.stop_after_steps = -1
+  cfg.optim.lr = float('nan')  # the first update after the resume makes parameters non-finite
+  # step 3 applies a NaN update (its loss and gradients are still finite); step 4's loss is NaN.
+  with pytest.raises(NonFiniteLossError, match=r'at step 4 .*last good checkpoint: step 2 '):
+    ssl_trainer.train(cfg, workdir)
+  steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
+  assert max(steps) == 2
+
+
+def test_export_then_load_encoder_round_trip(ssl_run, tmp_path):
+  from echojax import builders, checkpointing
+  from echojax.models import load_encoder
+  workdir, _, second = ssl_run
+  out = export.export_encoder(workdir, str(tmp_path / 'enc'))
+  encode = load_encoder(out)
+  x = jax.random.uniform(jax.random.key(0), (2, 4, 32, 32, 1))
+  cfg = tf_.ssl_config('', steps=4)
+  state = second['state']
+  expected = builders.encoder(cfg.model).apply(
+      {'params': state.params['encoder'], 'batch_stats': state.batch_stats['encoder']}, x, train=False)
+  np.testing.assert_allclose(np.asarray(encode(x)), np.asarray(expected), rtol=1e-5, atol=1e-6)
+  assert encode(x).shape == (2, 32)
+
+
+def test_finetune_from_ssl_writes_reports(ssl_run, data_dir, tmp_path):
+  workdir = str(tmp_path / 'ft')
+  result = finetune_trainer.train(tf_.finetune_config(data_dir, 'ssl', ssl_run[0]), workdir)
+  for split in ('val', 'test'):
+    d = os.path.join(workdir, 'eval', split)
+    for name in ('predictions.csv', 'summary.json', 'summary.md', 'roc_curve.png', 'pr_curve.png',
+                 'confusion_matrix.png'):
+      assert os.path.exists(os.path.join(d, name)), name
+    summary = json.load(open(os.path.join(d, 'summary.json')))
+    auroc = summary['study']['metrics']['auroc']
+    assert auroc['value'] is None or auroc['ci95'][0] <= auroc['value'] <= auroc['ci95'][1]
+  hist = json.load(open(os.path.join(workdir, 'early_stopping.json')))['history']
+  assert len(hist) >= 1 and all(np.isfinite(h['val_loss']) for h in hist)
+  assert result['train_studies'] == 16
+
+
+def test_finetune_fraction_without_positives_fails_naming_counts(data_dir, tmp_path):
+  cfg = tf_.finetune_config(data_dir, frac=0.01)
+  with pytest.raises(subsets.LabelFractionError, match=r'label fraction 0.01 leaves \d+ positive and \d+'):
+    finetune_trainer.train(cfg, str(tmp_path / 'bad'))
+
+
+def test_finetune_missing_init_path_is_named(data_dir, tmp_path):
+  cfg = tf_.finetune_config(data_dir, 'ssl', str(tmp_path / 'nowhere'))
+  with pytest.raises(FileNotFoundError, match='nowhere'):
+    finetune_trainer.train(cfg, str(tmp_path / 'ft'))
+
+
+def test_finetune_architecture_mismatch_lists_keys(ssl_run, data_dir, tmp_path):
+  from echojax import builders
+  workdir = ssl_run[0]
+  cfg = tf_.finetune_config(data_dir, 'ssl', workdir)
+  model, variables, spec = builders.classifier_with_init(cfg)
+  bad = jax.tree.map(lambda a: a, variables)
+  bad['params']['stem_conv']['kernel'] = np.zeros((3, 7, 7, 1, 5), np.float32)
+  from echojax import optim, steps
+  state = steps.create_train_state(builders.classifier(cfg), optim.make_optimizer(
+      cfg.optim, total_steps=1, global_batch_size=8), jax.random.key(0, impl='rbg'),
+      jnp.zeros((1, 8, 32, 32, 1)))
+  with pytest.raises(ValueError, match=r'stem_conv/kernel: model \(3, 7, 7, 1, 4\) vs checkpoint'):
+    builders.apply_encoder_init(state, bad)
