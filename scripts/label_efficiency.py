@@ -112,19 +112,24 @@ def main(argv=None):
   if args.kinetics:
     inits.append(('kinetics', args.kinetics))
 
+  # The extremes first (smallest and largest fraction), random and the first method first: if a run is
+  # cut short, the comparisons that matter most are already on disk (rerunning resumes the rest).
+  fracs = sorted(p['fractions'])
+  frac_order = [fracs[0], fracs[-1]] + fracs[1:-1] if len(fracs) > 1 else fracs
+  order = [(f, init) for f in frac_order for init in inits]
   rows = []
-  for name, path in inits:
-    for frac in p['fractions']:
-      for seed in p['seeds']:
-        wd = os.path.join(out, f'ft-{name}-frac{frac:g}-seed{seed}')
-        summary_path = os.path.join(wd, 'eval', 'test', 'summary.json')
-        if not os.path.exists(summary_path):
-          init = 'random' if name == 'random' else ('kinetics' if name == 'kinetics' else 'ssl')
-          finetune_trainer.train(finetune_config(init, path, frac, seed, p, args), wd)
-        summary = json.load(open(summary_path))
-        rows.append({'init': name, 'frac': frac, 'seed': seed, **auroc_row(summary)})
-        print(f'{name} frac={frac:g} seed={seed}: AUROC {rows[-1]["auroc"]:.3f} '
-              f'[{rows[-1]["ci_lo"]:.3f}, {rows[-1]["ci_hi"]:.3f}]', flush=True)
+  for frac, (name, path) in order:
+    for seed in p['seeds']:
+      wd = os.path.join(out, f'ft-{name}-frac{frac:g}-seed{seed}')
+      summary_path = os.path.join(wd, 'eval', 'test', 'summary.json')
+      if not os.path.exists(summary_path):
+        init = 'random' if name == 'random' else ('kinetics' if name == 'kinetics' else 'ssl')
+        finetune_trainer.train(finetune_config(init, path, frac, seed, p, args), wd)
+      summary = json.load(open(summary_path))
+      rows.append({'init': name, 'frac': frac, 'seed': seed, **auroc_row(summary)})
+      r = rows[-1]
+      auc = 'undefined' if r['auroc'] is None else f'{r["auroc"]:.3f} [{r["ci_lo"]:.3f}, {r["ci_hi"]:.3f}]'
+      print(f'{name} frac={frac:g} seed={seed}: study-level test AUROC {auc}', flush=True)
 
   with open(os.path.join(out, 'results.csv'), 'w', newline='') as f:
     w = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 CONV_IMPLS = ('auto', 'xla', 'gemm')
@@ -139,14 +140,31 @@ def _accumulate(count_shape, chunk, compute, acc_shape, dtype):
   return acc
 
 
+def _select_taps(kernel, taps):
+  """kernel restricted to the given tap offsets per dim: strided slices (one gather-free copy at most)."""
+  for axis, js in enumerate(taps):
+    step = js[1] - js[0] if len(js) > 1 else 1
+    if js == list(range(js[0], js[-1] + 1, step)):
+      kernel = lax.slice_in_dim(kernel, js[0], js[-1] + 1, step, axis)
+    else:
+      kernel = jnp.concatenate([lax.slice_in_dim(kernel, j, j + 1, 1, axis) for j in js], axis)
+  return kernel
+
+
 def _tap_matrix(kernel, taps):
-  """im2col weights: kernel[a, b, c] (Cin, Cout) stacked over the tap grid (C-order) → (taps·Cin, Cout)."""
-  return jnp.concatenate([kernel[a, b, c] for a, b, c in itertools.product(*taps)], axis=0)
+  """im2col weights: (taps·Cin, Cout) with rows in tap-grid C-order, then input channel."""
+  k = _select_taps(kernel, taps)
+  return k.reshape(-1, k.shape[-1])
 
 
-def _fold_matrix(kernel, taps):
-  """Temporal-fold weights: rows (spatial tap, Cin), column blocks per temporal tap → (hw·Cin, t·Cout)."""
-  return jnp.concatenate([_tap_matrix(kernel, [[a], taps[1], taps[2]]) for a in taps[0]], axis=1)
+def _fold_matrix(kernel, taps, transposed=False):
+  """Temporal-fold weights (hw·Cin, t·Cout): rows (spatial tap, Cin), one column block per temporal tap.
+
+  transposed: the weights of the transposed conv (dL/dx), i.e. the roles of Cin and Cout swapped.
+  """
+  k = _select_taps(kernel, taps)
+  k = k.transpose(1, 2, 4, 0, 3) if transposed else k.transpose(1, 2, 3, 0, 4)
+  return k.reshape(k.shape[0] * k.shape[1] * k.shape[2], k.shape[3] * k.shape[4])
 
 
 # ------------------------------------------------------------------------------------------ engines
@@ -256,10 +274,7 @@ def _conv_dkernel(x, dy, kernel_shape, strides, padding):
     dw = g.T.reshape(*counts, cin, cout)
   if counts == list(kernel_shape[:3]):
     return dw
-  index = {tap: i for i, tap in enumerate(itertools.product(*live))}
-  flat, zero = dw.reshape(-1, cin, cout), jnp.zeros((cin, cout), dw.dtype)
-  grid = itertools.product(*[range(k) for k in kernel_shape[:3]])
-  return jnp.stack([flat[index[t]] if t in index else zero for t in grid]).reshape(kernel_shape)
+  return jnp.zeros(kernel_shape, dw.dtype).at[np.ix_(*live)].set(dw)
 
 
 def _conv_dinput(dy, kernel, in_sizes, strides, padding):
@@ -284,7 +299,6 @@ def _conv_dinput(dy, kernel, in_sizes, strides, padding):
   hi = [0] + [max([0] + [ln - 1 + c - (o - 1) for _, cs, ln in cl for c in cs])
               for cl, o in zip(per_dim[1:], out_sizes[1:])]
   dyp = _pad(dy, lo, hi)
-  wt = jnp.swapaxes(kernel, 3, 4)  # (kt,kh,kw,Cout,Cin): the transposed conv's weights
   blocks = {}
   for r in itertools.product(*[range(s) for s in strides]):
     cls = [per_dim[d][r[d]] for d in range(3)]
@@ -294,7 +308,7 @@ def _conv_dinput(dy, kernel, in_sizes, strides, padding):
       continue
     starts_hw = [[c + l for c in cl[1]] for cl, l in zip(cls[1:], lo[1:])]
     blocks[r] = _tfold_matmul(dyp, cls[0][1], starts_hw, lengths, (1, 1),
-                              _fold_matrix(wt, [c[0] for c in cls]))
+                              _fold_matrix(kernel, [c[0] for c in cls], transposed=True))
   if all(s == 1 for s in strides):
     return blocks[(0, 0, 0)]
   # Interleave the residue classes: pad each to the longest class, stack as a trailing stride axis.
