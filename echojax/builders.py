@@ -13,6 +13,26 @@ KINETICS_MEAN = (0.43216, 0.394666, 0.37645)
 KINETICS_STD = (0.22803, 0.22145, 0.216989)
 
 
+def start_run(cfg, workdir: str):
+  """Every trainer's first step: jax.distributed (when asked), the mesh over all devices, the per-process
+  batch, and the resolved config saved as DIR/config.json. Returns (mesh, local_batch)."""
+  from echojax import config_lib, parallel
+  parallel.maybe_initialize_distributed(cfg.distributed)
+  mesh = parallel.make_mesh()
+  parallel.global_batch_check(cfg.train.global_batch_size, mesh)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    config_lib.dump_config(cfg, os.path.join(workdir, 'config.json'))
+  return mesh, cfg.train.global_batch_size // jax.process_count()
+
+
+def jit_train_step(step_fn, mesh):
+  """jit with state replicated, batch sharded over 'data', and the old state's buffers donated."""
+  from echojax import parallel
+  repl, data = parallel.replicated(mesh), parallel.data_sharding(mesh)
+  return jax.jit(step_fn, in_shardings=(repl, data, repl), out_shardings=(repl, repl), donate_argnums=(0,))
+
+
 def prepare_dataset(data_cfg, log=print):
   """Returns the TFDS builder of `data_cfg`, building it first when absent and allowed (process 0 builds,
   the others wait)."""

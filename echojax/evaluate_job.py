@@ -4,7 +4,6 @@ the report files in DIR/eval/<split>/. Also the `configs/evaluate.py` job on any
 from __future__ import annotations
 
 import functools
-import math
 import os
 import types
 
@@ -28,13 +27,10 @@ def predict_split(cfg, builder, model, variables, mesh, split: str) -> dict:
   logits_fn = jax.jit(lambda v, x: eval_step(types.SimpleNamespace(**v), {'video': x})['logits'])
   clip_logits = functools.partial(logits_fn, variables)  # (B, N, T, H, W, C) → (B, N)
 
-  num_local = None
-  if jax.process_count() > 1:
-    n_local = len(pipeline.read_video_metadata(builder, split, jax.process_index(), jax.process_count()))
-    num_local = math.ceil(n_local / local_batch)
+  # The eval pipeline gives every process the same number of (padded) batches.
   ds = pipeline.make_dataset(builder, split, 'eval', batch_size=local_batch, cfg=cfg.data,
                              label_key=cfg.task.label_key)
-  return inference.run_inference(clip_logits, pipeline.as_numpy(ds), mesh, num_local_batches=num_local)
+  return inference.run_inference(clip_logits, pipeline.as_numpy(ds), mesh)
 
 
 def labelled(pred: dict) -> dict:

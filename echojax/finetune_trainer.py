@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from echojax import builders, config_lib, evaluate_job, optim, parallel, steps, subsets
+from echojax import builders, evaluate_job, optim, parallel, steps, subsets
 from echojax.checkpointing import Checkpointer
 from echojax.logging_lib import MetricLogger, NonFiniteLossError, log, metric_collection
 
@@ -21,14 +21,8 @@ def train(cfg, workdir: str) -> dict:
   from echojax.data import pipeline
 
   # --- mesh ---------------------------------------------------------------------------------------
-  parallel.maybe_initialize_distributed(cfg.distributed)
-  mesh = parallel.make_mesh()
+  mesh, local_batch = builders.start_run(cfg, workdir)
   global_batch = cfg.train.global_batch_size
-  parallel.global_batch_check(global_batch, mesh)
-  local_batch = global_batch // jax.process_count()
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    config_lib.dump_config(cfg, os.path.join(workdir, 'config.json'))
 
   # --- input: the label fraction is drawn over training studies ---------------------------------
   builder = builders.prepare_dataset(cfg.data, log)
@@ -61,14 +55,13 @@ def train(cfg, workdir: str) -> dict:
   state = steps.create_train_state(model, tx, jax.random.key(cfg.seed, impl='rbg'), sample)  # rbg: fast init compile
   state = builders.apply_encoder_init(state, init_variables)
   state = jax.device_put(state, parallel.replicated(mesh))
-  train_step = jax.jit(
+  train_step = builders.jit_train_step(
       steps.make_finetune_train_step(model, tx, pos_weight=pos_weight,
                                      label_smoothing=cfg.task.label_smoothing,
                                      compute_dtype=jnp.dtype(cfg.model.dtype),
                                      learning_rate_fn=optim.make_schedule(cfg.optim, total_steps,
                                                                           global_batch)),
-      in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh), parallel.replicated(mesh)),
-      out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)), donate_argnums=(0,))
+      mesh)
 
   # --- checkpoints: latest (resume) and best (early stopping) -------------------------------------
   ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints, save_every=steps_per_epoch)

@@ -33,18 +33,15 @@ def run_inference(apply_fn: Callable, batches: Iterable[Mapping[str, np.ndarray]
   """Applies `apply_fn(global_input) -> array (B, ...)` to every batch; returns numpy arrays of the valid
   rows of ALL processes: 'outputs', 'study_id', 'video_id' and `keep_keys`.
 
-  `num_local_batches` (this process's batch count) is required with more than one process so that every
-  process runs the same number of collective steps.
+  With several processes every one must run the same number of steps: either the iterators have equal
+  lengths (the eval pipeline pads to that), or pass `num_local_batches` and shorter ones are padded here.
   """
   data_sharding = jax.sharding.NamedSharding(mesh, P('data'))
   n_proc = jax.process_count()
   iterator = iter(batches)
-  if n_proc > 1:
-    if num_local_batches is None:
-      raise ValueError('run_inference needs num_local_batches in a multi-process job')
+  total = None
+  if n_proc > 1 and num_local_batches is not None:
     total = int(multihost_utils.process_allgather(np.int32(num_local_batches)).max())
-  else:
-    total = None
   outputs, study_ids, video_ids, kept = [], [], [], {k: [] for k in keep_keys}
   template = None
   step = 0

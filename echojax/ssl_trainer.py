@@ -33,15 +33,9 @@ def train(cfg, workdir: str) -> dict:
   from echojax.data import pipeline
 
   # --- mesh ---------------------------------------------------------------------------------------
-  parallel.maybe_initialize_distributed(cfg.distributed)
-  mesh = parallel.make_mesh()
-  config_lib.warn_if_paper_scale_on_cpu(cfg, jax.default_backend(), log)
+  mesh, local_batch = builders.start_run(cfg, workdir)
   global_batch = cfg.train.global_batch_size
-  parallel.global_batch_check(global_batch, mesh)
-  local_batch = global_batch // jax.process_count()
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    config_lib.dump_config(cfg, os.path.join(workdir, 'config.json'))
+  config_lib.warn_if_paper_scale_on_cpu(cfg, jax.default_backend(), log)
 
   # --- input --------------------------------------------------------------------------------------
   builder = builders.prepare_dataset(cfg.data, log)
@@ -61,14 +55,12 @@ def train(cfg, workdir: str) -> dict:
                      jnp.float32)
   state = steps.create_train_state(model, tx, jax.random.key(cfg.seed, impl='rbg'), sample)  # rbg: fast init compile
   state = jax.device_put(state, parallel.replicated(mesh))
-  train_step = jax.jit(
+  train_step = builders.jit_train_step(
       steps.make_ssl_train_step(model, tx, temperature=cfg.ssl.temperature,
                                 order_weight=cfg.ssl.order_weight if cfg.data.frame_order else 0.0,
                                 compute_dtype=jnp.dtype(cfg.model.dtype),
                                 learning_rate_fn=optim.make_schedule(cfg.optim, total_steps, global_batch)),
-      in_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh), parallel.replicated(mesh)),
-      out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
-      donate_argnums=(0,))
+      mesh)
 
   # --- checkpoint / resume ------------------------------------------------------------------------
   ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints,

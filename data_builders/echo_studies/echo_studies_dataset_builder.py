@@ -48,19 +48,16 @@ import sys
 import warnings
 from typing import Any, Dict, Mapping, Optional
 
-from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
 try:
-  from echojax.data import records, study_tables, video_io
+  from echojax.data import builder_common, records, study_tables, video_io
 except ImportError:  # `tfds build data_builders/echo_studies` puts only data_builders/ on sys.path
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
-  from echojax.data import records, study_tables, video_io
+  from echojax.data import builder_common, records, study_tables, video_io
 # echojax.data.dicom_source (pydicom) is imported only for the DICOM layout.
 
-REJECTS_FILE = 'rejects.csv'
-SUMMARY_FILE = 'build_summary.json'
 _OPTION_NAMES = ('columns', 'max_frames', 'allow_cross_split_studies', 'labels_csv', 'videos_dir', 'source',
                  'dicom_dir', 'converted_dir', 'dicom_options')
 log = logging.getLogger(__name__)
@@ -83,7 +80,7 @@ class EchoStudiesConfig(tfds.core.BuilderConfig):
     return {name: getattr(self, name) for name in _OPTION_NAMES}
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
+class Builder(builder_common.ReportingBuilder, tfds.core.GeneratorBasedBuilder):
   """Per-video records (echojax.data.records schema) of the user's studies, study by study."""
 
   VERSION = tfds.core.Version('1.0.0')
@@ -92,7 +89,6 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       name='default', description='Seed-paper layout; options from echo_studies.json in the manual dir.')]
   DEFAULT_CONFIG_NAME = 'default'
   _options: Optional[study_tables.StudyTableOptions] = None   # set by _split_generators
-  _rejects: list = []
   _summary: Dict[str, Dict[str, int]] = {}
   _source_summary: Optional[Dict[str, int]] = None   # the DICOM source's conversion/join counts
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
@@ -117,13 +113,6 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   def _load_options(self, manual_dir) -> study_tables.StudyTableOptions:
     return study_tables.load_options(manual_dir, dict(self.builder_config.overrides(), salt=self._salt))
 
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls):
-    # TFDS 4.9.10 resolves a packaged builder's path through `importlib_resources`, a package it does not
-    # declare; the file's own path is what it needs (checksums/metadata lookups next to this module).
-    return epath.Path(__file__)
-
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
         description=__doc__.split('\n')[0],
@@ -147,17 +136,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       self._source_summary = prepared.summary
     else:
       studies = study_tables.read_study_tables(manual_dir, self._options)   # validation before any video
-    generators = {}
-    for split, split_studies in studies.items():
-      generator = self._generate_examples(split, split_studies)
-      # TFDS cannot write an empty split: pull the first kept video now, drop the split if there is none.
-      first = next(generator, None)
-      if first is None:
-        warnings.warn(f'echo_studies: split {split!r} has no readable video; it is left out')
-        self._rejects.append((f'split:{split}', 'no readable video in the whole split; split left out'))
-        continue
-      generators[split] = _chain(first, generator)
-    return generators
+    return builder_common.drop_empty_splits(
+        {split: self._generate_examples(split, split_studies) for split, split_studies in studies.items()},
+        self._rejects, warn_as='echo_studies')
 
   def _generate_examples(self, split: str, studies):
     counts = self._summary.setdefault(split, dict.fromkeys(
@@ -197,26 +178,16 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       counts['videos_kept'] += len(kept)
       study_index += 1
 
-  def _download_and_prepare(self, dl_manager, download_config=None):
-    super()._download_and_prepare(dl_manager, download_config)
-    # self.data_dir is TFDS's temporary folder here; it is renamed to the final one with these files in it.
-    records.write_rejects(os.path.join(self.data_dir, REJECTS_FILE), self._rejects)
+  def _build_summary(self):
     summary = {'splits': self._summary, 'rejected': len(self._rejects),
                'options': _recorded_options(self._options) if self._options else None}
     if self._source_summary is not None:
       summary['dicom'] = self._source_summary
-    with open(os.path.join(self.data_dir, SUMMARY_FILE), 'w') as f:
-      json.dump(summary, f, indent=1)
+    return summary
+
+  def _download_and_prepare(self, dl_manager, download_config=None):
+    summary = super()._download_and_prepare(dl_manager, download_config)   # writes the build report
     print('\n' + format_summary(summary), flush=True)   # after TFDS's progress bars
-
-  @property
-  def rejects_path(self) -> str:
-    return os.path.join(self.data_dir, REJECTS_FILE)
-
-
-def _chain(first, rest):
-  yield first
-  yield from rest
 
 
 def _recorded_options(options: study_tables.StudyTableOptions) -> Dict[str, Any]:
@@ -266,7 +237,7 @@ def build_echo_studies(manual_dir, data_dir, *, config_name: Optional[str] = Non
   else:
     config = 'default'
   builder = Builder(data_dir=os.fspath(data_dir), config=config, salt=salt)
-  summary_path = os.path.join(builder.data_dir, SUMMARY_FILE)
+  summary_path = os.path.join(builder.data_dir, builder_common.SUMMARY_FILE)
   if not overwrite and os.path.exists(summary_path):
     requested = _recorded_options(builder._load_options(manual_dir))   # pylint: disable=protected-access
     with open(summary_path) as f:

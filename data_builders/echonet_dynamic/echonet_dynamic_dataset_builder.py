@@ -15,9 +15,7 @@ Build: `tfds build data_builders/echonet_dynamic --manual_dir=DIR --data_dir=OUT
 from __future__ import annotations
 
 import collections
-import csv
 import dataclasses
-import json
 import math
 import os
 import pathlib
@@ -25,15 +23,14 @@ import sys
 import warnings
 from typing import Dict, List, Optional
 
-from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
 try:
-  from echojax.data import records, video_io
+  from echojax.data import builder_common, records, video_io
 except ImportError:  # `tfds build data_builders/echonet_dynamic` puts only data_builders/ on sys.path
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
-  from echojax.data import records, video_io
+  from echojax.data import builder_common, records, video_io
 
 FILE_LIST = 'FileList.csv'
 TRACINGS = 'VolumeTracings.csv'
@@ -41,30 +38,6 @@ VIDEOS_DIR = 'Videos'
 REQUIRED_COLUMNS = ('FileName', 'EF', 'ESV', 'EDV', 'Split')
 TRACING_COLUMNS = ('FileName', 'Frame')
 SPLITS = ('train', 'val', 'test')
-REJECTS_FILE = 'rejects.csv'
-SUMMARY_FILE = 'build_summary.json'
-
-
-def read_csv(path: str, required) -> List[dict]:
-  """Rows of a CSV (header stripped of spaces/BOM); ValueError naming the file when columns are missing."""
-  with open(path, newline='', encoding='utf-8-sig') as f:
-    reader = csv.DictReader(f)
-    header = [h.strip() for h in (reader.fieldnames or [])]
-    missing = [c for c in required if c not in header]
-    if missing:
-      raise ValueError(f'{path}: missing column(s) {missing} (found {header})')
-    reader.fieldnames = header
-    return [{k: (v.strip() if isinstance(v, str) else v) for k, v in row.items()} for row in reader]
-
-
-def parse_float(value: str, where: str) -> float:
-  """'' / NaN → NaN; anything else must be a number (ValueError naming row, column and value)."""
-  if value is None or value == '' or value.lower() == 'nan':
-    return float('nan')
-  try:
-    return float(value)
-  except ValueError:
-    raise ValueError(f'{where}: not a number: {value!r}') from None
 
 
 def video_stem(file_name: str) -> str:
@@ -75,7 +48,7 @@ def video_stem(file_name: str) -> str:
 def read_tracings(path: str) -> Dict[str, List[int]]:
   """Video stem → traced frame numbers in order of first appearance."""
   frames: Dict[str, List[int]] = collections.defaultdict(list)
-  for line, row in enumerate(read_csv(path, TRACING_COLUMNS), start=2):
+  for line, row in enumerate(builder_common.read_csv(path, TRACING_COLUMNS), start=2):
     try:
       frame = int(float(row['Frame']))
     except ValueError:
@@ -106,7 +79,7 @@ def read_file_list(manual_dir: str) -> Dict[str, List[VideoEntry]]:
   tracings = read_tracings(tracings_path) if os.path.exists(tracings_path) else {}
   by_split: Dict[str, List[VideoEntry]] = {s: [] for s in SPLITS}
   seen = {}
-  for line, row in enumerate(read_csv(path, REQUIRED_COLUMNS), start=2):
+  for line, row in enumerate(builder_common.read_csv(path, REQUIRED_COLUMNS), start=2):
     where = f'{path} line {line}'
     stem = video_stem(row['FileName'])
     if not stem:
@@ -117,42 +90,30 @@ def read_file_list(manual_dir: str) -> Dict[str, List[VideoEntry]]:
     split = row['Split'].lower()
     if split not in SPLITS:
       raise ValueError(f'{where}, column Split: unknown value {row["Split"]!r} (expected TRAIN/VAL/TEST)')
-    fps = parse_float(row.get('FPS') or '', f'{where}, column FPS')
+    fps, ef, esv, edv = (builder_common.parse_float(row.get(column), f'{where}, column {column}')
+                         for column in ('FPS', 'EF', 'ESV', 'EDV'))
     by_split[split].append(VideoEntry(
-        stem=stem, split=split, ef=parse_float(row['EF'], f'{where}, column EF'),
-        esv=parse_float(row['ESV'], f'{where}, column ESV'), edv=parse_float(row['EDV'], f'{where}, column EDV'),
+        stem=stem, split=split, ef=ef, esv=esv, edv=edv,
         fps=fps if math.isfinite(fps) and fps > 0 else None, traced_frames=tracings.get(stem, [])[:2]))
   return by_split
 
 
-@dataclasses.dataclass(eq=False)
-class EchoNetDynamicConfig(tfds.core.BuilderConfig):
-  max_frames: Optional[int] = 100    # None keeps every frame
+class EchoNetDynamicConfig(builder_common.MaxFramesConfig):
+  """EchoNet-Dynamic config: max_frames (None keeps every frame)."""
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
+class Builder(builder_common.ReportingBuilder, tfds.core.GeneratorBasedBuilder):
   """EchoNet-Dynamic videos as echojax per-video records with EF/ESV/EDV labels."""
 
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'First release.'}
-  BUILDER_CONFIGS = [
-      EchoNetDynamicConfig(name='default', description='First 100 frames of each video.', max_frames=100),
-      EchoNetDynamicConfig(name='all_frames', description='Every frame of each video.', max_frames=None),
-  ]
+  BUILDER_CONFIGS = builder_common.max_frames_configs(EchoNetDynamicConfig)
   DEFAULT_CONFIG_NAME = 'default'
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   Request EchoNet-Dynamic at https://echonet.github.io/dynamic/ and pass its unpacked folder (holding
   FileList.csv, VolumeTracings.csv and Videos/) as --manual_dir.
   """
-  _rejects: list = []
   _summary: Dict[str, Dict[str, int]] = {}
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls):
-    # TFDS 4.9.10 resolves a packaged builder's path through `importlib_resources` (not a declared
-    # dependency); the module's own path is all it needs.
-    return epath.Path(__file__)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
@@ -169,16 +130,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     manual_dir = os.fspath(dl_manager.manual_dir)
     by_split = read_file_list(manual_dir)
     self._rejects, self._summary = [], {}
-    generators = {}
-    for split, entries in by_split.items():
-      generator = self._generate_examples(manual_dir, split, entries)
-      first = next(generator, None)   # TFDS cannot write an empty split
-      if first is None:
-        if entries:
-          self._rejects.append((f'split:{split}', 'no readable video in the whole split; split left out'))
-        continue
-      generators[split] = _chain(first, generator)
-    return generators
+    return builder_common.drop_empty_splits(
+        {split: self._generate_examples(manual_dir, split, entries) for split, entries in by_split.items()},
+        self._rejects, listed={split: len(entries) for split, entries in by_split.items()})
 
   def _generate_examples(self, manual_dir: str, split: str, entries: List[VideoEntry]):
     counts = self._summary.setdefault(split, dict(listed=len(entries), kept=0, rejected=0, traced=0))
@@ -202,19 +156,5 @@ class Builder(tfds.core.GeneratorBasedBuilder):
           traced_frames=np.asarray(traced, np.int32))
       study_index += 1
 
-  def _download_and_prepare(self, dl_manager, download_config=None):
-    super()._download_and_prepare(dl_manager, download_config)
-    # self.data_dir is TFDS's temporary folder here; it is renamed to the final one with these files in it.
-    records.write_rejects(os.path.join(self.data_dir, REJECTS_FILE), self._rejects)
-    with open(os.path.join(self.data_dir, SUMMARY_FILE), 'w') as f:
-      json.dump({'splits': self._summary, 'rejected': len(self._rejects),
-                 'max_frames': self.builder_config.max_frames}, f, indent=1)
-
-  @property
-  def rejects_path(self) -> str:
-    return os.path.join(self.data_dir, REJECTS_FILE)
-
-
-def _chain(first, rest):
-  yield first
-  yield from rest
+  def _build_summary(self):
+    return {'splits': self._summary, 'rejected': len(self._rejects), 'max_frames': self.builder_config.max_frames}

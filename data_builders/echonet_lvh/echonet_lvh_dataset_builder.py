@@ -14,9 +14,7 @@ measurements are counted in `build_summary.json`.
 from __future__ import annotations
 
 import collections
-import csv
 import dataclasses
-import json
 import math
 import os
 import pathlib
@@ -25,44 +23,20 @@ import sys
 import warnings
 from typing import Dict, List, Optional
 
-from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
 try:
-  from echojax.data import records, video_io
+  from echojax.data import builder_common, records, video_io
 except ImportError:  # `tfds build data_builders/echonet_lvh` puts only data_builders/ on sys.path
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
-  from echojax.data import records, video_io
+  from echojax.data import builder_common, records, video_io
 
 MEASUREMENTS = 'MeasurementsList.csv'
 REQUIRED_COLUMNS = ('HashedFileName', 'Calc', 'CalcValue', 'Frame', 'split')
 CALCS = ('IVSd', 'LVIDd', 'LVPWd', 'IVSs', 'LVIDs', 'LVPWs')
 SPLITS = ('train', 'val', 'test')
 BATCH_DIR = re.compile(r'^batch\d+$', re.IGNORECASE)
-REJECTS_FILE = 'rejects.csv'
-SUMMARY_FILE = 'build_summary.json'
-
-
-def read_csv(path: str, required) -> List[dict]:
-  """Rows of a CSV (header stripped of spaces/BOM); ValueError naming the file when columns are missing."""
-  with open(path, newline='', encoding='utf-8-sig') as f:
-    reader = csv.DictReader(f)
-    header = [h.strip() for h in (reader.fieldnames or [])]
-    missing = [c for c in required if c not in header]
-    if missing:
-      raise ValueError(f'{path}: missing column(s) {missing} (found {header})')
-    reader.fieldnames = header
-    return [{k: (v.strip() if isinstance(v, str) else v) for k, v in row.items()} for row in reader]
-
-
-def _number(value: Optional[str], where: str) -> float:
-  if value is None or value == '' or value.lower() == 'nan':
-    return float('nan')
-  try:
-    return float(value)
-  except ValueError:
-    raise ValueError(f'{where}: not a number: {value!r}') from None
 
 
 @dataclasses.dataclass
@@ -89,7 +63,7 @@ def read_measurements(manual_dir: str) -> Measurements:
   videos: Dict[str, LVHVideo] = {}
   result = Measurements(by_split={s: [] for s in SPLITS})
   unknown = collections.Counter()
-  for line, row in enumerate(read_csv(path, REQUIRED_COLUMNS), start=2):
+  for line, row in enumerate(builder_common.read_csv(path, REQUIRED_COLUMNS), start=2):
     where = f'{path} line {line}'
     name = row['HashedFileName']
     if name.lower().endswith('.avi'):
@@ -105,7 +79,7 @@ def read_measurements(manual_dir: str) -> Measurements:
       result.by_split[split].append(video)
     elif video.split != split:
       raise ValueError(f'{where}: {name} is in split {split!r} here but {video.split!r} on an earlier line')
-    fps = _number(row.get('FPS'), f'{where}, column FPS')
+    fps = builder_common.parse_float(row.get('FPS'), f'{where}, column FPS')
     if video.fps is None and math.isfinite(fps) and fps > 0:
       video.fps = fps
     calc = row['Calc']
@@ -115,8 +89,8 @@ def read_measurements(manual_dir: str) -> Measurements:
     if calc in video.values:
       result.duplicates += 1
       continue
-    video.values[calc] = _number(row['CalcValue'], f'{where}, column CalcValue')
-    frame = _number(row['Frame'], f'{where}, column Frame')
+    video.values[calc] = builder_common.parse_float(row['CalcValue'], f'{where}, column CalcValue')
+    frame = builder_common.parse_float(row['Frame'], f'{where}, column Frame')
     video.frames[calc] = int(frame) if math.isfinite(frame) else -1
   result.unknown_calcs = dict(unknown)
   if unknown:
@@ -136,9 +110,8 @@ def index_batches(manual_dir: str) -> Dict[str, str]:
   return index
 
 
-@dataclasses.dataclass(eq=False)
-class EchoNetLVHConfig(tfds.core.BuilderConfig):
-  max_frames: Optional[int] = 100    # None keeps every frame
+class EchoNetLVHConfig(builder_common.MaxFramesConfig):
+  """EchoNet-LVH config: max_frames (None keeps every frame)."""
 
 
 def _calc_features() -> dict:
@@ -149,29 +122,18 @@ def _calc_features() -> dict:
   return features
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
+class Builder(builder_common.ReportingBuilder, tfds.core.GeneratorBasedBuilder):
   """EchoNet-LVH PLAX videos as echojax per-video records with their caliper measurements."""
 
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'First release.'}
-  BUILDER_CONFIGS = [
-      EchoNetLVHConfig(name='default', description='First 100 frames of each video.', max_frames=100),
-      EchoNetLVHConfig(name='all_frames', description='Every frame of each video.', max_frames=None),
-  ]
+  BUILDER_CONFIGS = builder_common.max_frames_configs(EchoNetLVHConfig)
   DEFAULT_CONFIG_NAME = 'default'
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   Request EchoNet-LVH at https://echonet.github.io/lvh/ and pass its unpacked folder (holding
   MeasurementsList.csv and Batch1/ … Batch4/) as --manual_dir.
   """
-  _rejects: list = []
   _summary: Dict = {}
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls):
-    # TFDS 4.9.10 resolves a packaged builder's path through `importlib_resources` (not a declared
-    # dependency); the module's own path is all it needs.
-    return epath.Path(__file__)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
@@ -188,16 +150,10 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     self._rejects = []
     self._summary = {'splits': {}, 'duplicate_measurements': measurements.duplicates,
                      'unknown_calcs': measurements.unknown_calcs}
-    generators = {}
-    for split, videos in measurements.by_split.items():
-      generator = self._generate_examples(index, split, videos)
-      first = next(generator, None)   # TFDS cannot write an empty split
-      if first is None:
-        if videos:
-          self._rejects.append((f'split:{split}', 'no readable video in the whole split; split left out'))
-        continue
-      generators[split] = _chain(first, generator)
-    return generators
+    by_split = measurements.by_split
+    return builder_common.drop_empty_splits(
+        {split: self._generate_examples(index, split, videos) for split, videos in by_split.items()},
+        self._rejects, listed={split: len(videos) for split, videos in by_split.items()})
 
   def _generate_examples(self, index: Dict[str, str], split: str, videos: List[LVHVideo]):
     counts = self._summary['splits'].setdefault(split, dict(listed=len(videos), kept=0, rejected=0))
@@ -223,19 +179,5 @@ class Builder(tfds.core.GeneratorBasedBuilder):
           study_index=study_index, study_num_videos=1, video_index=0, av_stenosis='unknown', **extra)
       study_index += 1
 
-  def _download_and_prepare(self, dl_manager, download_config=None):
-    super()._download_and_prepare(dl_manager, download_config)
-    # self.data_dir is TFDS's temporary folder here; it is renamed to the final one with these files in it.
-    records.write_rejects(os.path.join(self.data_dir, REJECTS_FILE), self._rejects)
-    with open(os.path.join(self.data_dir, SUMMARY_FILE), 'w') as f:
-      json.dump(dict(self._summary, rejected=len(self._rejects), max_frames=self.builder_config.max_frames),
-                f, indent=1)
-
-  @property
-  def rejects_path(self) -> str:
-    return os.path.join(self.data_dir, REJECTS_FILE)
-
-
-def _chain(first, rest):
-  yield first
-  yield from rest
+  def _build_summary(self):
+    return dict(self._summary, rejected=len(self._rejects), max_frames=self.builder_config.max_frames)

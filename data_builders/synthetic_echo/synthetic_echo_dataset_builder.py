@@ -55,15 +55,14 @@ import pathlib
 import sys
 from typing import Iterator, Optional
 
-from etils import epath
 import numpy as np
 import tensorflow_datasets as tfds
 
 try:
-  from echojax.data import records, synthetic
+  from echojax.data import builder_common, records, synthetic
 except ImportError:  # `tfds build data_builders/synthetic_echo` puts only data_builders/ on sys.path
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
-  from echojax.data import records, synthetic
+  from echojax.data import builder_common, records, synthetic
 
 SPLITS = ('train', 'val', 'test')
 
@@ -100,7 +99,7 @@ def _check(config: SyntheticEchoConfig) -> None:
                      f'got {config.min_frames}, {config.max_frames}')
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
+class Builder(builder_common.ModuleCodePath, tfds.core.GeneratorBasedBuilder):
   """Synthetic PLAX cines (severe AS vs. not) as echojax per-video records, study by study."""
 
   VERSION = tfds.core.Version('1.0.0')
@@ -121,13 +120,6 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   def __init__(self, *, num_workers: Optional[int] = None, **kwargs):
     self._num_workers = 0 if num_workers is None else int(num_workers)
     super().__init__(**kwargs)
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls):
-    # TFDS 4.9.10 resolves a packaged builder's path through `importlib_resources` (not a declared
-    # dependency); the module's own path is all it needs.
-    return epath.Path(__file__)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
