@@ -14,6 +14,10 @@ class CheckpointError(RuntimeError):
   pass
 
 
+class Preempted(SystemExit):
+  """Raised after the preemption checkpoint is written, so no caller carries on with a half-trained model."""
+
+
 class Checkpointer:
   """Thin wrapper over ocp.CheckpointManager so trainers share one save/restore/preemption policy."""
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from echojax import builders, evaluate_job, optim, parallel, steps, subsets
-from echojax.checkpointing import Checkpointer
+from echojax.checkpointing import Checkpointer, Preempted
 from echojax.logging_lib import MetricLogger, NonFiniteLossError, log, metric_collection
 
 
@@ -125,8 +125,11 @@ def train(cfg, workdir: str) -> dict:
               f'{cfg.train.patience} epochs; best step {es["best_step"]}')
           stopped_early = True
           break
-      if ckpt.should_stop(step) or (cfg.train.stop_after_steps > 0
-                                    and step - start_step >= cfg.train.stop_after_steps):
+      if ckpt.should_stop(step):
+        ckpt.maybe_save(step, state, force=True)
+        ckpt.wait()
+        raise Preempted(f'preempted at step {step}: checkpoint saved; rerun the same command to resume')
+      if cfg.train.stop_after_steps > 0 and step - start_step >= cfg.train.stop_after_steps:
         ckpt.maybe_save(step, state, force=True)
         log(f'stopping at step {step} (checkpoint saved); rerun the same command to resume')
         return {'step': step, 'interrupted': True}

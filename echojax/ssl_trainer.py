@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from echojax import builders, config_lib, optim, parallel, steps
-from echojax.checkpointing import Checkpointer
+from echojax.checkpointing import Checkpointer, Preempted
 from echojax.logging_lib import MetricLogger, NonFiniteLossError, log, metric_collection
 
 
@@ -110,7 +110,11 @@ def train(cfg, workdir: str) -> dict:
       if cfg.probe.every_steps > 0 and (step % cfg.probe.every_steps == 0 or step == total_steps):
         last.update(logger.write(step, probe(step, state), prefix='probe/'))
       ckpt.maybe_save(step, state, force=step == total_steps)
-      if ckpt.should_stop(step) or (stop_after > 0 and step - start_step >= stop_after):
+      if ckpt.should_stop(step):
+        ckpt.maybe_save(step, state, force=True)
+        ckpt.wait()
+        raise Preempted(f'preempted at step {step}: checkpoint saved; rerun the same command to resume')
+      if stop_after > 0 and step - start_step >= stop_after:
         ckpt.maybe_save(step, state, force=True)
         log(f'stopping at step {step} (checkpoint saved); rerun the same command to resume')
         break

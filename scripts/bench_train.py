@@ -65,13 +65,18 @@ def r3d_macs_per_clip(frames: int, size: int, width: int = 64, in_channels: int 
 
 
 # ------------------------------------------------------------------------------------------ timing
-def alternating_medians(fns, repeats: int):
-  """Run fns round-robin `repeats` times (after one warm-up each); per-fn median seconds."""
+def alternating_medians(fns, repeats: int, gap_s: float = 0.0):
+  """Run fns round-robin `repeats` times (after one warm-up each); per-fn median seconds.
+
+  gap_s: idle pause before each timed call, so one framework's spinning worker threads (OpenMP keeps
+  spinning after a parallel region) do not steal cores from the next measurement.
+  """
   for f in fns:
     f()
   times = [[] for _ in fns]
   for _ in range(repeats):
     for i, f in enumerate(fns):
+      time.sleep(gap_s)
       start = time.perf_counter()
       f()
       times[i].append(time.perf_counter() - start)
@@ -180,6 +185,7 @@ def main(argv=None):
   parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
   parser.add_argument('--remat', action='store_true')
   parser.add_argument('--repeats', type=int, default=5)
+  parser.add_argument('--gap', type=float, default=1.0, help='seconds idle before each timed call')
   parser.add_argument('--no-forward', action='store_true', help='skip the eval-mode forward timing')
   parser.add_argument('--compare-torch', action='store_true')
   parser.add_argument('--torch-channels-last', action='store_true',
@@ -226,7 +232,7 @@ def main(argv=None):
       if not args.no_forward:
         fns.append(t_forward)
         labels.append('torch.forward')
-    med = dict(zip(labels, alternating_medians(fns, args.repeats)))
+    med = dict(zip(labels, alternating_medians(fns, args.repeats, args.gap)))
     print(f'[{name}] {frames}x{size}² batch {batch}: {macs / 1e9:.2f} GMAC/clip forward, compile '
           f'{compile_s:.1f} s, {args.repeats} alternating repeats')
     for label, sec in med.items():

@@ -91,6 +91,8 @@ def main(argv=None):
   parser.add_argument('--data-dir', default='')
   parser.add_argument('--manual-dir', default='')
   parser.add_argument('--no-probe', action='store_true')
+  parser.add_argument('--report-only', action='store_true',
+                      help='write the tables/figure from the runs finished so far; train nothing')
   args = parser.parse_args(argv)
   p = PRESETS[args.preset]
   out = args.out or os.path.join('runs', f'label_efficiency-{args.preset}')
@@ -104,7 +106,7 @@ def main(argv=None):
   for method in p['methods']:
     wd = os.path.join(out, f'ssl-{method}')
     enc = os.path.join(wd, 'encoder')
-    if not os.path.exists(os.path.join(enc, 'encoder_spec.json')):
+    if not os.path.exists(os.path.join(enc, 'encoder_spec.json')) and not args.report_only:
       ssl_trainer.train(ssl_config(method, p, args), wd)
       export.export_encoder(wd, enc)
     encoders[method] = enc
@@ -122,6 +124,9 @@ def main(argv=None):
     for seed in p['seeds']:
       wd = os.path.join(out, f'ft-{name}-frac{frac:g}-seed{seed}')
       summary_path = os.path.join(wd, 'eval', 'test', 'summary.json')
+      if not os.path.exists(summary_path) and args.report_only:
+        print(f'{name} frac={frac:g} seed={seed}: not run yet', flush=True)
+        continue
       if not os.path.exists(summary_path):
         init = 'random' if name == 'random' else ('kinetics' if name == 'kinetics' else 'ssl')
         finetune_trainer.train(finetune_config(init, path, frac, seed, p, args), wd)

@@ -123,3 +123,25 @@ def test_finetune_architecture_mismatch_lists_keys(ssl_run, data_dir, tmp_path):
       jnp.zeros((1, 8, 32, 32, 1)))
   with pytest.raises(ValueError, match=r'stem_conv/kernel: model \(3, 7, 7, 1, 4\) vs checkpoint'):
     builders.apply_encoder_init(state, bad)
+
+
+def test_sigterm_marks_checkpointer_preempted(tmp_path):
+  import signal
+  from echojax.checkpointing import Checkpointer
+  ckpt = Checkpointer(str(tmp_path), save_every=100)
+  try:
+    assert not ckpt.should_stop(1)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert ckpt.should_stop(2)
+  finally:
+    ckpt.close()
+
+
+def test_preemption_saves_a_checkpoint_and_exits(data_dir, tmp_path, monkeypatch):
+  from echojax import checkpointing
+  workdir = str(tmp_path / 'pre')
+  monkeypatch.setattr(checkpointing.Checkpointer, 'should_stop', lambda self, step: step == 3)
+  with pytest.raises(checkpointing.Preempted, match='preempted at step 3'):
+    ssl_trainer.train(tf_.ssl_config(data_dir, steps=4), workdir)
+  steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
+  assert steps[-1] == 3
