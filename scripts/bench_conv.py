@@ -19,22 +19,17 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from echojax.models.conv import conv3d  # noqa: E402
+from bench_train import r3d_convs  # noqa: E402  (scripts/ is on sys.path when run as a script)
 
 
 def r3d18_convs(frames: int, size: int, width: int = 64, in_channels: int = 3):
   """(name, input shape without batch, kernel, stride, padding, cout) of each distinct R3D-18 conv."""
-  t, h = frames, size // 2
-  convs = [('stem', (frames, size, size, in_channels), (3, 7, 7), (1, 2, 2), (1, 3, 3), width)]
-  c = width
-  for stage in range(1, 4 + 1):
-    cout = width * 2 ** (stage - 1)
-    if stage > 1:
-      convs.append((f'l{stage}.conv1/s2', (t, h, h, c), (3, 3, 3), (2, 2, 2), (1, 1, 1), cout))
-      convs.append((f'l{stage}.down', (t, h, h, c), (1, 1, 1), (2, 2, 2), (0, 0, 0), cout))
-      t, h = (t - 1) // 2 + 1, (h - 1) // 2 + 1
-    convs.append((f'l{stage}.conv3x3', (t, h, h, cout), (3, 3, 3), (1, 1, 1), (1, 1, 1), cout))
-    c = cout
-  return convs
+  seen, distinct = set(), []
+  for name, shape, k, s, p, cout in r3d_convs(frames, size, width, in_channels):
+    if (shape, k, s, p, cout) not in seen:
+      seen.add((shape, k, s, p, cout))
+      distinct.append((name, shape, k, s, p, cout))
+  return distinct
 
 
 def median_alternating(fns, repeats):

@@ -15,6 +15,7 @@ the same process, torch on as many threads as XLA uses; prints medians and ratio
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import sys
@@ -83,17 +84,12 @@ def alternating_medians(fns, repeats: int, gap_s: float = 0.0):
   return [statistics.median(t) for t in times]
 
 
-def jax_gemm_peak(n: int = 2048, repeats: int = 7) -> float:
-  a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-  matmul = jax.jit(lambda a, b: a @ b)
-  (sec,) = alternating_medians([lambda: matmul(a, a).block_until_ready()], repeats)
-  return 2 * n ** 3 / sec / 1e9
-
-
-def torch_gemm_peak(torch, n: int = 2048, repeats: int = 7) -> float:
-  a = torch.randn(n, n)
-  (sec,) = alternating_medians([lambda: torch.mm(a, a)], repeats)
-  return 2 * n ** 3 / sec / 1e9
+def make_jax_gemm(n: int = 2048, count: int = 8):
+  """(callable, FLOPs per call): `count` chained n×n float32 matmuls, timed inside the alternation so the
+  GEMM peak is measured under the same machine load as the steps it is compared with."""
+  a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32) / n ** 0.5
+  chain = jax.jit(lambda a: jax.lax.fori_loop(0, count, lambda _, b: b @ a, a))
+  return (lambda: chain(a).block_until_ready()), 2 * n ** 3 * count
 
 
 # ------------------------------------------------------------------------------------------ our step
@@ -109,12 +105,11 @@ class BenchNet(nn.Module):
     return nn.Dense(1, name='head')(features.astype(jnp.float32))[:, 0]
 
 
-def make_jax_step(args, batch, frames, size):
+def make_jax_step(conv_impl, dtype, remat, in_channels, batch, frames, size):
   """(train_step(), forward(), compile seconds) closed over on-device state and a synthetic batch."""
-  dtype = jnp.bfloat16 if args.dtype == 'bfloat16' else jnp.float32
-  net = BenchNet(args.conv_impl, dtype, args.remat)
+  net = BenchNet(conv_impl, jnp.dtype(dtype), remat)
   key_x, key_y, key_init = jax.random.split(jax.random.key(0), 3)
-  x = jax.random.normal(key_x, (batch, frames, size, size, args.in_channels), jnp.float32)
+  x = jax.random.normal(key_x, (batch, frames, size, size, in_channels), jnp.float32)
   y = jax.random.bernoulli(key_y, 0.5, (batch,)).astype(jnp.float32)
   variables = jax.jit(lambda: net.init(key_init, x[:1], train=False))()
   tx = optax.adam(1e-4)
@@ -148,53 +143,70 @@ def make_jax_step(args, batch, frames, size):
 
 
 # ------------------------------------------------------------------------------------------ torch step
-def make_torch_step(torch, args, batch, frames, size):
+TORCH_VARIANTS = ('f32', 'cl', 'bf16')  # NCDHW float32, channels_last_3d float32, bf16 autocast
+
+
+def make_torch_step(torch, variant, in_channels, batch, frames, size):
+  """torch r3d_18 (+1-logit fc), Adam, BCE: (train_step(), eval forward()) for one TORCH_VARIANTS entry."""
   from echojax.models.torch_reference import make_torch_r3d18
   torch.manual_seed(0)
-  model = make_torch_r3d18(64, args.in_channels, num_classes=1)
-  x = torch.randn(batch, args.in_channels, frames, size, size)
-  if args.torch_channels_last:
+  model = make_torch_r3d18(64, in_channels, num_classes=1)
+  x = torch.randn(batch, in_channels, frames, size, size)
+  if variant == 'cl':
     model = model.to(memory_format=torch.channels_last_3d)
     x = x.contiguous(memory_format=torch.channels_last_3d)
   y = torch.randint(0, 2, (batch,)).float()
   opt = torch.optim.Adam(model.parameters(), lr=1e-4)
   loss_fn = torch.nn.BCEWithLogitsLoss()
+  autocast = lambda: torch.autocast('cpu', dtype=torch.bfloat16, enabled=variant == 'bf16')
 
   def run_step():
     model.train()
     opt.zero_grad(set_to_none=True)
-    loss = loss_fn(model(x)[:, 0], y)
+    with autocast():
+      loss = loss_fn(model(x)[:, 0].float(), y)
     loss.backward()
     opt.step()
 
   def run_forward():
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), autocast():
       model(x)
   return run_step, run_forward
 
 
 # ------------------------------------------------------------------------------------------ main
+def _split(text):
+  return [t.strip() for t in text.split(',') if t.strip()]
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--shapes', default='ssl,finetune', help='comma list of ssl, finetune')
   parser.add_argument('--ssl-batch', type=int, default=16)
   parser.add_argument('--finetune-batch', type=int, default=4)
   parser.add_argument('--in-channels', type=int, default=3)
-  parser.add_argument('--conv-impl', default='auto', choices=('auto', 'xla', 'gemm'))
-  parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
-  parser.add_argument('--remat', action='store_true')
+  parser.add_argument('--conv-impl', default='auto',
+                      help='comma list of auto|xla|gemm; several are measured alternately in one run')
+  parser.add_argument('--dtype', default='float32', help='comma list of float32|bfloat16 (compute dtype)')
+  parser.add_argument('--remat', action='store_true', help='rematerialise each residual block')
   parser.add_argument('--repeats', type=int, default=5)
-  parser.add_argument('--gap', type=float, default=1.0, help='seconds idle before each timed call')
+  parser.add_argument('--gap', type=float, default=1.0,
+                      help='seconds idle before each timed call (lets the other side\'s threads stop spinning)')
   parser.add_argument('--no-forward', action='store_true', help='skip the eval-mode forward timing')
   parser.add_argument('--compare-torch', action='store_true')
-  parser.add_argument('--torch-channels-last', action='store_true',
-                      help='torch model and input in channels_last_3d (default: torch default NCDHW)')
+  parser.add_argument('--torch-variants', default='f32',
+                      help='comma list of f32 (NCDHW), cl (channels_last_3d f32), bf16 (autocast); '
+                           'ratios are against the first')
   args = parser.parse_args(argv)
-  shapes = [s.strip() for s in args.shapes.split(',') if s.strip()]
-  for s in shapes:
-    if s not in SHAPES:
-      parser.error(f'unknown shape {s!r}; have {sorted(SHAPES)}')
+  shapes, impls, dtypes = _split(args.shapes), _split(args.conv_impl), _split(args.dtype)
+  torch_variants = _split(args.torch_variants)
+  for value, allowed, flag in ((shapes, SHAPES, '--shapes'), (impls, ('auto', 'xla', 'gemm'), '--conv-impl'),
+                               (dtypes, ('float32', 'bfloat16'), '--dtype'),
+                               (torch_variants, TORCH_VARIANTS, '--torch-variants')):
+    bad = [v for v in value if v not in allowed]
+    if bad or not value:
+      parser.error(f'{flag}: unknown {bad or value!r}; choose from {sorted(allowed)}')
 
   threads = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
   torch = None
@@ -205,49 +217,50 @@ def main(argv=None):
     except ImportError:
       print('torch is not installed: skipping --compare-torch (pip install torch to enable it)')
   print(f'jax {jax.__version__} backend={jax.default_backend()} devices={len(jax.devices())} '
-        f'conv_impl={args.conv_impl}->{resolve_conv_impl(args.conv_impl)} dtype={args.dtype} '
-        f'remat={args.remat} cpus={threads}' +
-        (f' | torch {torch.__version__} threads={torch.get_num_threads()}'
-         f' layout={"channels_last_3d" if args.torch_channels_last else "NCDHW"}' if torch else ''))
-  peak = jax_gemm_peak()
-  line = f'f32 GEMM peak (2048², median): jax {peak:.0f} GFLOP/s'
-  if torch:
-    line += f', torch {torch_gemm_peak(torch):.0f} GFLOP/s'
-  print(line, flush=True)
-
+        f'cpus={threads} remat={args.remat} load_avg={os.getloadavg()[0]:.1f}' +
+        (f' | torch {torch.__version__} threads={torch.get_num_threads()}' if torch else ''))
+  gemm, gemm_flops = make_jax_gemm()
   first = None
   for name in shapes:
     frames, size = SHAPES[name]
     batch = args.ssl_batch if name == 'ssl' else args.finetune_batch
     macs = r3d_macs_per_clip(frames, size, 64, args.in_channels)
-    step, forward, compile_s = make_jax_step(args, batch, frames, size)
-    fns, labels = [step], ['jax.train']
-    if not args.no_forward:
-      fns.append(forward)
-      labels.append('jax.forward')
+    train, forward, compiles = {}, {}, []
+    for impl, dtype in itertools.product(impls, dtypes):
+      label = f'jax[{resolve_conv_impl(impl)},{dtype}]'
+      train[label], forward[label], seconds = make_jax_step(impl, dtype, args.remat, args.in_channels,
+                                                             batch, frames, size)
+      compiles.append(f'{label} {seconds:.1f} s')
     if torch:
-      t_step, t_forward = make_torch_step(torch, args, batch, frames, size)
-      fns.insert(1, t_step)
-      labels.insert(1, 'torch.train')
-      if not args.no_forward:
-        fns.append(t_forward)
-        labels.append('torch.forward')
-    med = dict(zip(labels, alternating_medians(fns, args.repeats, args.gap)))
-    print(f'[{name}] {frames}x{size}² batch {batch}: {macs / 1e9:.2f} GMAC/clip forward, compile '
-          f'{compile_s:.1f} s, {args.repeats} alternating repeats')
+      for variant in torch_variants:
+        label = f'torch[{variant}]'
+        train[label], forward[label] = make_torch_step(torch, variant, args.in_channels, batch, frames, size)
+    fns = {f'{k}.train': f for k, f in train.items()}
+    if not args.no_forward:
+      fns.update({f'{k}.forward': f for k, f in forward.items()})
+    fns['gemm'] = gemm
+    med = dict(zip(fns, alternating_medians(list(fns.values()), args.repeats, args.gap)))
+    peak = gemm_flops / med.pop('gemm') / 1e9
+    print(f'[{name}] {frames}x{size}² batch {batch}: {macs / 1e9:.2f} GMAC/clip forward (train = 3×); '
+          f'{args.repeats} alternating repeats; compile: {", ".join(compiles)}')
+    print(f'  jax f32 GEMM peak (2048², same alternation): {peak:.0f} GFLOP/s')
     for label, sec in med.items():
       flops = 2 * macs * batch * (3 if label.endswith('train') else 1)
       gf = flops / sec / 1e9
-      print(f'  {label:14s} median {sec:7.3f} s  {batch / sec:6.2f} clips/s  {gf:6.0f} GFLOP/s '
+      print(f'  {label:26s} median {sec:7.3f} s  {batch / sec:6.2f} clips/s  {gf:6.0f} GFLOP/s '
             f'({gf / peak:.0%} of jax GEMM peak)')
+    jax_labels = [k for k in train if k.startswith('jax')]
     if torch:
-      ratio = med['jax.train'] / med['torch.train']
-      extra = f', forward {med["jax.forward"] / med["torch.forward"]:.2f}' if not args.no_forward else ''
-      print(f'  ours/torch: train {ratio:.2f}{extra}', flush=True)
+      ref = f'torch[{torch_variants[0]}]'
+      for label in jax_labels:
+        parts = [f'train {med[label + ".train"] / med[ref + ".train"]:.2f}']
+        if not args.no_forward:
+          parts.append(f'forward {med[label + ".forward"] / med[ref + ".forward"]:.2f}')
+        print(f'  {label} / {ref}: ' + ', '.join(parts))
       if first is None:
-        first = ('train_step_time_ratio_vs_torch', ratio)
+        first = ('train_step_time_ratio_vs_torch', med[jax_labels[0] + '.train'] / med[ref + '.train'])
     elif first is None:
-      first = ('train_clips_per_s', batch / med['jax.train'])
+      first = ('train_clips_per_s', batch / med[jax_labels[0] + '.train'])
     sys.stdout.flush()
   print(f'{first[0]}={first[1]:.4f}')
 

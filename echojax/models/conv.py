@@ -80,6 +80,8 @@ def _pad(x, lo, hi):
 
 
 def _acc_dtype(dtype):
+  # Every dot accumulates (and returns) at least float32: for bfloat16 operands that is also what lets
+  # XLA:CPU use its native bf16 GEMM kernels (a bf16-output dot runs as a float32 dot).
   return jnp.promote_types(dtype, jnp.float32)
 
 
@@ -174,8 +176,19 @@ def _im2col_matmul(src, starts, out_sizes, strides, wmat):
   chunk = _chunks(batch, *out_sizes, wmat.shape[0] * isz)
   def compute(corner):
     p = _patches(src, corner, (*chunk, out_sizes[2]), starts, strides)
-    return lax.dot_general(p, wmat, (((4,), (0,)), ((), ())))
+    return lax.dot_general(p, wmat, (((4,), (0,)), ((), ())),
+                           preferred_element_type=_acc_dtype(src.dtype)).astype(src.dtype)
   return _loop((batch, *out_sizes, wmat.shape[1]), chunk, compute, src.dtype)
+
+
+def _matmul_tn(a, b, acc):
+  """a^T @ b over all leading dims, as a transpose of the small operand `a` + a plain NN matmul.
+
+  The barrier keeps XLA from folding the transpose back into the dot: XLA:CPU's fast (YNNPACK) GEMM only
+  takes NN dots, and its fallback DotThunk cannot run bf16 x bf16 -> f32 at all.
+  """
+  a_t = lax.optimization_barrier(a.reshape(-1, a.shape[-1]).T)
+  return lax.dot_general(a_t, b.reshape(-1, b.shape[-1]), (((1,), (0,)), ((), ())), preferred_element_type=acc)
 
 
 def _im2col_matmul_t(src, starts, strides, dy):
@@ -188,7 +201,7 @@ def _im2col_matmul_t(src, starts, strides, dy):
   def compute(corner):
     g = lax.dynamic_slice(dy, (*corner, 0, 0), (*chunk, out_sizes[2], n))
     p = _patches(src, corner, (*chunk, out_sizes[2]), starts, strides)
-    return lax.dot_general(g, p, (((0, 1, 2, 3), (0, 1, 2, 3)), ((), ())), preferred_element_type=acc)
+    return _matmul_tn(g, p, acc)
   return _accumulate((batch, *out_sizes[:2]), chunk, compute, (n, k), acc)
 
 
@@ -233,7 +246,7 @@ def _tfold_matmul_t(src, offsets, starts_hw, strides_hw, dy):
     lo, hi = max(0, max(offsets)), max(0, frames - min(offsets) - out_frames)
     g = _pad(g, (lo, 0, 0), (hi, 0, 0))
     g3 = jnp.concatenate([g[:, lo - d:lo - d + frames] for d in offsets], axis=-1)
-    return lax.dot_general(g3, p, (((0, 1, 2, 3), (0, 1, 2, 3)), ((), ())), preferred_element_type=acc)
+    return _matmul_tn(g3, p, acc)
   return _accumulate((batch, 1, ho), (bb, 1, hb), compute, (len(offsets) * n, k), acc)
 
 
@@ -338,6 +351,9 @@ def _conv_gemm_fwd(x, kernel, strides, padding):
 
 def _conv_gemm_bwd(strides, padding, residuals, dy):
   x, kernel = residuals
+  # The barrier keeps XLA from specialising the GEMMs on a constant cotangent (e.g. d sum(y)): the
+  # simplified dots are no longer plain NN GEMMs, and XLA:CPU's fallback cannot run bf16 x bf16 -> f32.
+  dy = lax.optimization_barrier(dy)
   dx = _conv_dinput(dy, kernel, x.shape[1:4], strides, padding).astype(x.dtype)
   dk = _conv_dkernel(x, dy, kernel.shape, strides, padding).astype(kernel.dtype)
   return dx, dk
