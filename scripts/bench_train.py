@@ -1,16 +1,21 @@
 """Training-step benchmark of the R3D-18 encoder on synthetic on-device batches (optionally vs PyTorch).
 
 Default: for the SSL (4×112², batch 16) and fine-tuning (16×112², batch 4) shapes, the jitted train step
-(encoder + linear head, BCE, Adam, donated state) → compile time, median step time, clips/s and GFLOP/s
-against the analytic R3D-18 count and against this machine's f32 GEMM peak, measured in the same run. Last
-line: `train_clips_per_s=<float>` for the first shape. Needs only jax/flax/optax/numpy.
+(encoder + 1-logit head, BCE, Adam, donated state) and the eval-mode forward → compile time, median time,
+clips/s, GFLOP/s against the analytic R3D-18 count (10.78 / 40.70 GMAC per clip, train = 3× forward) and
+against an f32 GEMM timed in the same alternation (same machine load). Last line: `train_clips_per_s=<float>`
+for the first shape. Needs only jax/flax/optax/numpy. --conv-impl and --dtype take comma lists: all
+variants are compiled and timed alternately in one process (A B A B ...), so their ratios are like for like.
 
---compare-torch: also an equivalent PyTorch r3d_18 step (and eval-mode forward), alternating ours/torch in
-the same process, torch on as many threads as XLA uses; prints medians and ratios (ours ÷ torch). Last line:
-`train_step_time_ratio_vs_torch=<float>` for the first shape (SSL unless --shapes says otherwise).
+--compare-torch: adds the equivalent PyTorch r3d_18 step and forward (torch_reference.make_torch_r3d18) to
+the same alternation, torch on as many threads as XLA uses, with an idle --gap before every timed call so
+neither side's spinning worker threads steal the other's cores; prints medians and ratios (ours ÷ torch).
+Last line: `train_step_time_ratio_vs_torch=<float>` for the first shape (SSL unless --shapes says otherwise).
+Timings on a shared machine are noisy: compare only numbers from one run, and report the ratios.
 
-  python scripts/bench_train.py                       # jax only
-  python scripts/bench_train.py --compare-torch --repeats 5
+  python scripts/bench_train.py                                   # jax only, both shapes
+  python scripts/bench_train.py --compare-torch --repeats 5       # ratio vs torch f32
+  python scripts/bench_train.py --compare-torch --shapes ssl --dtype float32,bfloat16 --torch-variants f32,bf16,cl
 """
 from __future__ import annotations
 

@@ -26,7 +26,7 @@ PRESETS = {
     # 8-frame fine-tuning/eval clips instead of 16 (and 4-frame SSL clips as the paper).
     'cpu': dict(dataset='synthetic_echo', builder_config='benchmark', width=8, depths=(1, 1, 1, 1),
                 image_size=64, clip_len=8, ssl_steps=500, ssl_batch=32, ssl_lr=1e-3,
-                fractions=(0.02, 0.1, 1.0), seeds=(0,), ft_epochs=5, ft_batch=32, ft_lr=3e-4,
+                fractions=(0.02, 1.0), seeds=(0,), ft_epochs=5, ft_batch=32, ft_lr=3e-4,
                 ft_patience=3, ft_steps_per_epoch=30, methods=('echoclr', 'mi_simclr', 'simclr')),
     # A quick smoke preset (used by the tests): tiny everything.
     'smoke': dict(dataset='synthetic_echo', builder_config='ci', width=4, depths=(1, 1, 1, 1),

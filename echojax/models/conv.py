@@ -1,8 +1,9 @@
 """3D convolution with a selectable implementation (`conv_impl`), shared by every encoder.
 
-`xla` is `lax.conv_general_dilated`; `gemm` (the CPU fast path) computes the conv and both of its gradients
-as strided slicing + one matmul (im2col), because XLA:CPU runs the backward of convolutions (lhs/rhs-dilated
-convs) 10-100x slower than a matmul of the same FLOPs. `auto` picks per backend.
+`xla` is `lax.conv_general_dilated`. `gemm` (the CPU fast path) computes the conv and both of its gradients
+(custom VJP) as strided slicing + matmuls, chunked over the output, because XLA:CPU runs the backward of
+convolutions (lhs/rhs-dilated convs) 10-100x slower than a matmul of the same FLOPs; it equals XLA's conv to
+rounding. `auto` picks XLA's conv on GPU/TPU and the GEMM path on CPU. Measurements: notes/perf_findings.md.
 """
 from __future__ import annotations
 
@@ -55,8 +56,8 @@ def conv3d(x: jax.Array, kernel: jax.Array, strides: Sequence[int], padding: Seq
 # A tap whose windows lie entirely in the zero padding (e.g. temporal taps once T = 1) is dropped: it only
 # ever multiplies zeros, so values are unchanged and its kernel gradient is exactly zero.
 
-# Patch bytes per chunk: large enough for an efficient GEMM, small enough to stay cache-resident and to
-# avoid one huge freshly-mapped temporary per step (page faults dominated unchunked im2col on CPU).
+# Patch bytes per chunk: large enough for a GEMM at full speed, small enough to stay cache-resident
+# (unchunked im2col wrote a 1.4 GB patch matrix per layer-1 conv and ran 3.7x slower; 1-16 MiB all similar).
 _CHUNK_BYTES = 4 << 20
 
 
@@ -114,17 +115,20 @@ def _chunks(batch, frames, height, width, row_bytes):
   return 1, 1, _largest_divisor(height, rows // width)
 
 
+def _corner(i, counts, chunk):
+  """Output corner (batch, frame, row) of chunk number i; chunks run batch-major, rows fastest."""
+  return (i // (counts[1] * counts[2]) * chunk[0], i // counts[2] % counts[1] * chunk[1],
+          i % counts[2] * chunk[2])
+
+
 def _loop(out_shape, chunk, compute, dtype):
   """Assemble `compute(corner)` (one chunk of the output) over every chunk: one call, or a scan."""
   counts = [n // c for n, c in zip(out_shape[:3], chunk)]
   if counts == [1, 1, 1]:
     return compute((0, 0, 0))
-  def corner(i):
-    return (i // (counts[1] * counts[2]) * chunk[0], i // counts[2] % counts[1] * chunk[1],
-            i % counts[2] * chunk[2])
   def body(out, i):
-    c = corner(i)
-    return lax.dynamic_update_slice(out, compute(c), (c[0], c[1], c[2], 0, 0)), None
+    c = _corner(i, counts, chunk)
+    return lax.dynamic_update_slice(out, compute(c), (*c, 0, 0)), None
   out, _ = lax.scan(body, jnp.zeros(out_shape, dtype), jnp.arange(counts[0] * counts[1] * counts[2]))
   return out
 
@@ -135,9 +139,7 @@ def _accumulate(count_shape, chunk, compute, acc_shape, dtype):
   if counts == [1, 1, 1]:
     return compute((0, 0, 0))
   def body(acc, i):
-    c = (i // (counts[1] * counts[2]) * chunk[0], i // counts[2] % counts[1] * chunk[1],
-         i % counts[2] * chunk[2])
-    return acc + compute(c), None
+    return acc + compute(_corner(i, counts, chunk)), None
   acc, _ = lax.scan(body, jnp.zeros(acc_shape, dtype), jnp.arange(counts[0] * counts[1] * counts[2]))
   return acc
 
@@ -240,11 +242,11 @@ def _tfold_matmul_t(src, offsets, starts_hw, strides_hw, dy):
   k = len(starts_hw[0]) * len(starts_hw[1]) * src.shape[-1]
   bb, _, hb = _frame_chunks(batch, frames, ho, wo, k * src.dtype.itemsize)
   acc = _acc_dtype(dy.dtype)
+  lo, hi = max(0, max(offsets)), max(0, frames - min(offsets) - out_frames)
   def compute(corner):
     p = _patches(src, (corner[0], 0, corner[2]), (bb, frames, hb, wo), [[0], *starts_hw], (1, *strides_hw))
     g = lax.dynamic_slice(dy, (corner[0], 0, corner[2], 0, 0), (bb, out_frames, hb, wo, n))
-    lo, hi = max(0, max(offsets)), max(0, frames - min(offsets) - out_frames)
-    g = _pad(g, (lo, 0, 0), (hi, 0, 0))
+    g = _pad(g, (lo, 0, 0), (hi, 0, 0))  # per chunk: stays in cache, unlike padding all of dy
     g3 = jnp.concatenate([g[:, lo - d:lo - d + frames] for d in offsets], axis=-1)
     return _matmul_tn(g3, p, acc)
   return _accumulate((batch, 1, ho), (bb, 1, hb), compute, (len(offsets) * n, k), acc)
@@ -363,5 +365,5 @@ _conv_gemm.defvjp(_conv_gemm_fwd, _conv_gemm_bwd)
 
 
 def conv3d_gemm(x, kernel, strides, padding):
-  """im2col conv with a custom VJP whose gradients are gather-matmuls too (same value as XLA's conv)."""
+  """GEMM-path conv3d (same arguments): value, dx and dkernel are all chunked gather-matmuls."""
   return _conv_gemm(x, kernel.astype(x.dtype), tuple(strides), tuple(padding))
