@@ -49,6 +49,6 @@ def run(cfg, workdir: str) -> dict:
     json.dump(rows, f, indent=1)
   log('\nStudy-level test AUROC (95 % bootstrap CI over studies):\n' + table)
   log(f'\nreports: {", ".join(os.path.join(d, "eval") for d in runs.values())}\n'
-      f'saliency: {sal}\nsummary: {os.path.join(workdir, "demo_results.md")}\n'
+      f'saliency: {", ".join(r["png"] for r in sal)} (and .gif)\nsummary: {os.path.join(workdir, "demo_results.md")}\n'
       f'demo finished in {time.time() - t0:.0f} s')
   return {'rows': rows, 'runs': runs, 'saliency': sal}
