@@ -74,6 +74,16 @@ def _guarded_update(state: TrainState, tx: optax.GradientTransformation, grads, 
   return new_state, metrics
 
 
+def _train_step_from_loss(loss_fn, tx: optax.GradientTransformation, learning_rate_fn: Callable | None):
+  """fn(state, batch, rng) -> (state, metrics): one guarded optimiser step on `loss_fn`'s gradients."""
+  def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array):
+    dropout_rng = jax.random.fold_in(rng, state.step)
+    (loss, (metrics, new_batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, state.batch_stats, batch, dropout_rng)
+    return _guarded_update(state, tx, grads, new_batch_stats, loss, metrics, learning_rate_fn)
+  return train_step
+
+
 def make_ssl_loss_fn(model: nn.Module, temperature: float, order_weight: float = 1.0,
                      compute_dtype=jnp.float32):
   """loss_fn(params, batch_stats, batch, dropout_rng) -> (loss, (metrics, new_batch_stats)), in train mode."""
@@ -96,12 +106,7 @@ def make_ssl_train_step(model: nn.Module, tx: optax.GradientTransformation, temp
   """
   loss_fn = make_ssl_loss_fn(model, temperature, order_weight, compute_dtype)
 
-  def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array):
-    dropout_rng = jax.random.fold_in(rng, state.step)
-    (loss, (metrics, new_batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state.batch_stats, batch, dropout_rng)
-    return _guarded_update(state, tx, grads, new_batch_stats, loss, metrics, learning_rate_fn)
-  return train_step
+  return _train_step_from_loss(loss_fn, tx, learning_rate_fn)
 
 
 def _valid_rows(batch: Mapping[str, jax.Array], labels: jax.Array) -> jax.Array:
@@ -161,12 +166,7 @@ def make_finetune_train_step(model: nn.Module, tx: optax.GradientTransformation,
   """
   loss_fn = make_finetune_loss_fn(model, pos_weight, label_smoothing, task, compute_dtype)
 
-  def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array):
-    dropout_rng = jax.random.fold_in(rng, state.step)
-    (loss, (metrics, new_batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state.batch_stats, batch, dropout_rng)
-    return _guarded_update(state, tx, grads, new_batch_stats, loss, metrics, learning_rate_fn)
-  return train_step
+  return _train_step_from_loss(loss_fn, tx, learning_rate_fn)
 
 
 def make_eval_step(model: nn.Module, pos_weight: float = 1.0, task: str = 'binary',
