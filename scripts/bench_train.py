@@ -3,8 +3,8 @@
 Default: for the SSL (4×112², batch 16) and fine-tuning (16×112², batch 4) shapes, the jitted train step
 (encoder + 1-logit head, BCE, Adam, donated state) and the eval-mode forward → compile time, median time,
 clips/s, GFLOP/s against the analytic R3D-18 count (10.78 / 40.70 GMAC per clip, train = 3× forward) and
-against an f32 GEMM timed in the same alternation (same machine load). Last line: `train_clips_per_s=<float>`
-for the first shape. Needs only jax/flax/optax/numpy. --conv-impl and --dtype take comma lists: all
+MFU against a GEMM of each compute dtype timed in the same alternation (same machine load; 8192² on an
+accelerator). Last lines: `train_mfu=<float>` and `train_clips_per_s=<float>` for the first shape and variant. Needs only jax/flax/optax/numpy. --conv-impl and --dtype take comma lists: all
 variants are compiled and timed alternately in one process (A B A B ...), so their ratios are like for like.
 
 --compare-torch: adds the equivalent PyTorch r3d_18 step and forward (torch_reference.make_torch_r3d18) to
@@ -16,6 +16,7 @@ Timings on a shared machine are noisy: compare only numbers from one run, and re
   python scripts/bench_train.py                                   # jax only, both shapes
   python scripts/bench_train.py --compare-torch --repeats 5       # ratio vs torch f32
   python scripts/bench_train.py --compare-torch --shapes ssl --dtype float32,bfloat16 --torch-variants f32,bf16,cl
+  python scripts/bench_train.py --shapes ssl --dtype bfloat16 --ssl-batch 784 --no-forward   # GPU: 392 pairs
 """
 from __future__ import annotations
 
@@ -89,12 +90,20 @@ def alternating_medians(fns, repeats: int, gap_s: float = 0.0):
   return [statistics.median(t) for t in times]
 
 
-def make_jax_gemm(n: int = 2048, count: int = 8):
-  """(callable, FLOPs per call): `count` chained n×n float32 matmuls, timed inside the alternation so the
-  GEMM peak is measured under the same machine load as the steps it is compared with."""
-  a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32) / n ** 0.5
+def make_jax_gemm(dtype: str = 'float32', n: int = 2048, count: int = 8):
+  """(callable, FLOPs per call): `count` chained n×n matmuls in `dtype`, timed inside the alternation so the
+  GEMM peak is measured under the same machine load as the steps it is compared with. bfloat16 keeps the
+  default bf16 output (f32 accumulation inside the GEMM on GPU/TPU; XLA:CPU's fallback dot rejects
+  bf16×bf16→f32), which is the rate an MFU against "the card's bf16 matmul peak" refers to."""
+  a = (jax.random.normal(jax.random.key(1), (n, n), jnp.float32) / n ** 0.5).astype(dtype)
   chain = jax.jit(lambda a: jax.lax.fori_loop(0, count, lambda _, b: b @ a, a))
+  chain(a).block_until_ready()
   return (lambda: chain(a).block_until_ready()), 2 * n ** 3 * count
+
+
+def default_gemm_size() -> int:
+  """2048² saturates a CPU's GEMM; an accelerator needs 8192² to reach its matmul peak."""
+  return 2048 if jax.default_backend() == 'cpu' else 8192
 
 
 # ------------------------------------------------------------------------------------------ our step
@@ -199,6 +208,8 @@ def main(argv=None):
   parser.add_argument('--gap', type=float, default=1.0,
                       help='seconds idle before each timed call (lets the other side\'s threads stop spinning)')
   parser.add_argument('--no-forward', action='store_true', help='skip the eval-mode forward timing')
+  parser.add_argument('--gemm-size', type=int, default=0,
+                      help='n of the n×n peak-rate GEMM (default: 2048 on CPU, 8192 on GPU/TPU)')
   parser.add_argument('--compare-torch', action='store_true')
   parser.add_argument('--torch-variants', default='f32',
                       help='comma list of f32 (NCDHW), cl (channels_last_3d f32), bf16 (autocast); '
@@ -224,8 +235,11 @@ def main(argv=None):
   print(f'jax {jax.__version__} backend={jax.default_backend()} devices={len(jax.devices())} '
         f'cpus={threads} remat={args.remat} load_avg={os.getloadavg()[0]:.1f}' +
         (f' | torch {torch.__version__} threads={torch.get_num_threads()}' if torch else ''))
-  gemm, gemm_flops = make_jax_gemm()
-  first = None
+  gemm_size = args.gemm_size or default_gemm_size()
+  gemms = {dtype: make_jax_gemm(dtype, gemm_size) for dtype in dtypes}  # one peak per compute dtype
+  device = jax.devices()[0]
+  print(f'device: {getattr(device, "device_kind", device.platform)} ({device.platform})')
+  first = first_mfu = None
   for name in shapes:
     frames, size = SHAPES[name]
     batch = args.ssl_batch if name == 'ssl' else args.finetune_batch
@@ -243,18 +257,25 @@ def main(argv=None):
     fns = {f'{k}.train': f for k, f in train.items()}
     if not args.no_forward:
       fns.update({f'{k}.forward': f for k, f in forward.items()})
-    fns['gemm'] = gemm
+    fns.update({f'gemm[{dtype}]': fn for dtype, (fn, _) in gemms.items()})
     med = dict(zip(fns, alternating_medians(list(fns.values()), args.repeats, args.gap)))
-    peak = gemm_flops / med.pop('gemm') / 1e9
+    peaks = {dtype: flops / med.pop(f'gemm[{dtype}]') / 1e9 for dtype, (_, flops) in gemms.items()}
     print(f'[{name}] {frames}x{size}² batch {batch}: {macs / 1e9:.2f} GMAC/clip forward (train = 3×); '
           f'{args.repeats} alternating repeats; compile: {", ".join(compiles)}')
-    print(f'  jax f32 GEMM peak (2048², same alternation): {peak:.0f} GFLOP/s')
+    for dtype, peak in peaks.items():
+      print(f'  jax {dtype} GEMM peak ({gemm_size}², same alternation): {peak:.0f} GFLOP/s')
+    mfu = {}
     for label, sec in med.items():
       flops = 2 * macs * batch * (3 if label.endswith('train') else 1)
       gf = flops / sec / 1e9
-      print(f'  {label:26s} median {sec:7.3f} s  {batch / sec:6.2f} clips/s  {gf:6.0f} GFLOP/s '
-            f'({gf / peak:.0%} of jax GEMM peak)')
+      # MFU: our analytic FLOPs over the measured GEMM rate of the variant's compute dtype (torch: f32's).
+      dtype = next((d for d in peaks if f',{d}]' in label), 'bfloat16' if 'bf16' in label else 'float32')
+      mfu[label] = gf / peaks[dtype] if dtype in peaks else float('nan')
+      ref = f'{mfu[label]:.0%} of jax {dtype} GEMM peak' if dtype in peaks else 'no GEMM peak of its dtype'
+      print(f'  {label:26s} median {sec:7.3f} s  {batch / sec:8.2f} clips/s  {gf:8.0f} GFLOP/s ({ref})')
     jax_labels = [k for k in train if k.startswith('jax')]
+    if first_mfu is None:
+      first_mfu = mfu[jax_labels[0] + '.train']
     if torch:
       ref = f'torch[{torch_variants[0]}]'
       for label in jax_labels:
@@ -267,6 +288,7 @@ def main(argv=None):
     elif first is None:
       first = ('train_clips_per_s', batch / med[jax_labels[0] + '.train'])
     sys.stdout.flush()
+  print(f'train_mfu={first_mfu:.4f}')
   print(f'{first[0]}={first[1]:.4f}')
 
 
