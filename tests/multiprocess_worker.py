@@ -124,6 +124,37 @@ def ssl_step_outputs(mesh, local_batch: dict[str, np.ndarray], fsdp: bool = Fals
           'batch_stats': flat(new_state.batch_stats), 'step': np.asarray(new_state.step)}
 
 
+def inference_batches(process_id: int | None = None, local_batch: int = 4):
+  """Eval-pipeline-shaped batches (video, mask, label, study_id, video_id) of 7 videos. process_id None: all
+  of them in one list (the single-process reference); else that process's share — 5 videos in 2 batches
+  for process 0 and 2 videos in 1 batch for process 1, so the processes hold different batch counts and
+  masked padding rows."""
+  rng = np.random.default_rng(7)
+  videos = rng.normal(size=(7, 2, 3, 4, 4, 1)).astype(np.float32)  # (V, N clips, T, H, W, C) after batching
+  ids = [(f'study{i // 3}', f'study{i // 3}_{i}') for i in range(7)]
+  labels = np.array([i % 2 for i in range(7)], np.int32)
+  shares = {None: [range(0, 4), range(4, 7)], 0: [range(0, 4), range(4, 5)], 1: [range(5, 7)]}[process_id]
+  batches = []
+  for rows in shares:
+    rows = list(rows)
+    pad = local_batch - len(rows)
+    batches.append({
+        'video': np.concatenate([videos[rows], np.zeros((pad,) + videos.shape[1:], np.float32)]),
+        'mask': np.array([True] * len(rows) + [False] * pad),
+        'label': np.concatenate([labels[rows], np.full(pad, -1, np.int32)]),
+        'study_id': np.array([ids[r][0].encode() for r in rows] + [b''] * pad, object),
+        'video_id': np.array([ids[r][1].encode() for r in rows] + [b''] * pad, object)})
+  return batches
+
+
+def inference_outputs(mesh, batches, num_local_batches: int | None = None) -> dict:
+  """run_inference with a per-clip linear map: outputs (V, N), ids and labels of every process's rows."""
+  from echojax import inference
+  weights = jnp.arange(16, dtype=jnp.float32).reshape(4, 4, 1) / 16
+  apply_fn = jax.jit(lambda x: jnp.einsum('bnthwc,hwc->bn', x, weights))
+  return inference.run_inference(apply_fn, batches, mesh, num_local_batches=num_local_batches)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser()
   parser.add_argument('--process-id', type=int, required=True)
@@ -147,6 +178,9 @@ def main(argv=None):
   outputs = ssl_step_outputs(mesh, local)
   outputs['num_global_devices'] = np.asarray(len(jax.devices()))
   outputs['num_local_devices'] = np.asarray(len(jax.local_devices()))
+  mine = inference_batches(args.process_id)
+  gathered = inference_outputs(mesh, mine, num_local_batches=len(mine))
+  outputs.update({f'inference_{k}': np.asarray(v) for k, v in gathered.items()})
   np.savez(os.path.join(args.out, f'process_{args.process_id}.npz'), **outputs)
   jax.distributed.shutdown()
 

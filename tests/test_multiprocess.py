@@ -1,5 +1,6 @@
 """Two JAX processes on 127.0.0.1 (2 CPU devices each, gloo collectives) running one jitted SSL step on their
-halves of a fixed global batch give the single-process loss, gradients, parameters and BN statistics."""
+halves of a fixed global batch give the single-process loss, gradients, parameters and BN statistics; and the
+batched-inference loop, fed unequal numbers of batches per process, gathers every video's row once."""
 import os
 import socket
 import subprocess
@@ -59,8 +60,13 @@ def run_workers(out_dir) -> list[dict[str, np.ndarray]]:
   return [dict(np.load(os.path.join(out_dir, f'process_{i}.npz'))) for i in range(NUM_PROCESSES)]
 
 
-def test_two_processes_match_single_process(tmp_path):
-  results = run_workers(tmp_path)
+@pytest.fixture(scope='module')
+def results(tmp_path_factory):
+  """One launch of the two workers serves both tests (each launch costs ~10 s of process start-up)."""
+  return run_workers(tmp_path_factory.mktemp('workers'))
+
+
+def test_two_processes_match_single_process(results):
   reference = worker.ssl_step_outputs(parallel.make_mesh(devices=jax.devices()[:1]), worker.fixed_ssl_batch())
   assert float(reference['finite']) == 1.0 and np.abs(reference['grads']).max() > 1e-3
   for i, result in enumerate(results):
@@ -69,3 +75,17 @@ def test_two_processes_match_single_process(tmp_path):
     for name in ('loss', 'grads', 'params', 'batch_stats', 'step', 'finite'):
       np.testing.assert_allclose(result[name], reference[name], rtol=1e-5, atol=1e-6,
                                  err_msg=f'process {i}: {name}')
+
+
+def test_two_process_inference_gathers_every_row_once(results):
+  reference = worker.inference_outputs(parallel.make_mesh(devices=jax.devices()[:1]),
+                                       worker.inference_batches(None))
+  assert len(reference['video_id']) == 7 and np.abs(reference['outputs']).max() > 0.1
+  order = np.argsort(reference['video_id'])
+  for i, result in enumerate(results):
+    got = np.argsort(result['inference_video_id'])
+    assert sorted(result['inference_video_id'].tolist()) == sorted(reference['video_id']), f'process {i}'
+    np.testing.assert_allclose(result['inference_outputs'][got], reference['outputs'][order], rtol=1e-6,
+                               err_msg=f'process {i}: outputs')
+    np.testing.assert_array_equal(result['inference_label'][got], reference['label'][order])
+    np.testing.assert_array_equal(result['inference_study_id'][got], np.asarray(reference['study_id'])[order])
