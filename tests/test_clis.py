@@ -111,3 +111,25 @@ def test_demo_end_to_end_shortened(data_dir, tmp_path):
   assert 'ssl' in table and 'random' in table and '[' in table
   assert os.path.exists(result['saliency'][0]['png'])
   assert os.path.exists(tmp_path / 'finetune-ssl' / 'eval' / 'test' / 'summary.json')
+
+
+def test_label_efficiency_smoke_preset(data_dir, tmp_path):
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts'))
+  import label_efficiency
+  out = str(tmp_path / 'le')
+  label_efficiency.main(['--preset', 'smoke', '--out', out, '--data-dir', data_dir, '--no-probe'])
+  with open(os.path.join(out, 'results.csv')) as f:
+    rows = list(csv.DictReader(f))
+  # 2 inits × (2 seeds at the smallest fraction + 1 at 100 %), each with a test AUROC and its CI.
+  assert sorted((r['init'], float(r['frac']), int(r['seed'])) for r in rows) == sorted(
+      (init, frac, seed) for init in ('random', 'echoclr') for frac, seeds in ((0.5, (0, 1)), (1.0, (0,)))
+      for seed in seeds)
+  for r in rows:
+    assert r['auroc'] == '' or float(r['ci_lo']) <= float(r['auroc']) <= float(r['ci_hi'])
+  table = open(os.path.join(out, 'results.md')).read()
+  assert '| 50% |' in table and '(2 runs)' in table and 'echoclr' in table
+  assert os.path.getsize(os.path.join(out, 'label_efficiency.png')) > 1000
+  # Rerunning trains nothing: every run is reused (report-only would say "not run yet" otherwise).
+  before = os.path.getmtime(os.path.join(out, 'ft-random-frac1-seed0', 'eval', 'test', 'summary.json'))
+  label_efficiency.main(['--preset', 'smoke', '--out', out, '--data-dir', data_dir, '--report-only'])
+  assert os.path.getmtime(os.path.join(out, 'ft-random-frac1-seed0', 'eval', 'test', 'summary.json')) == before
