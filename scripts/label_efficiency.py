@@ -142,6 +142,7 @@ def main(argv=None):
     auc = 'undefined' if r['auroc'] is None else f'{r["auroc"]:.3f} [{r["ci_lo"]:.3f}, {r["ci_hi"]:.3f}]'
     print(f'{name} frac={frac:g} seed={seed}: study-level test AUROC {auc}', flush=True)
 
+  rows.sort(key=lambda r: (r['frac'], r['seed']))  # table rows by fraction; inits keep their column order
   with open(os.path.join(out, 'results.csv'), 'w', newline='') as f:
     w = csv.DictWriter(f, fieldnames=list(rows[0]))
     w.writeheader()
@@ -169,11 +170,14 @@ def _figure(rows, path, preset):
     lo = [np.mean([r['ci_lo'] for r in mine if r['frac'] == f]) for f in fracs]
     hi = [np.mean([r['ci_hi'] for r in mine if r['frac'] == f]) for f in fracs]
     x = [100 * f for f in fracs]
-    ax.errorbar(x, mean, yerr=[np.subtract(mean, lo), np.subtract(hi, mean)], marker='o', capsize=3,
-                label=init)
+    line = ax.errorbar(x, mean, yerr=[np.subtract(mean, lo), np.subtract(hi, mean)], marker='o', capsize=3,
+                       label=init)
+    seeds = [(100 * r['frac'], r['auroc']) for r in mine if sum(q['frac'] == r['frac'] for q in mine) > 1]
+    if seeds:  # several seeds: the line is their mean (bars: mean CI); each seed is a faint dot
+      ax.scatter(*zip(*seeds), s=12, alpha=0.45, color=line[0].get_color())
   ax.set_xscale('log')
   ax.set_xlabel('% of labelled training studies')
-  ax.set_ylabel('study-level test AUROC (95 % CI)')
+  ax.set_ylabel('study-level test AUROC (95 % CI; mean over seeds)')
   ax.set_title(f'Label efficiency ({preset} preset)')
   ax.grid(alpha=0.3)
   ax.legend()
