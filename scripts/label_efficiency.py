@@ -162,6 +162,7 @@ def _figure(rows, path, preset):
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
   import numpy as np
+  rows = [r for r in rows if r['auroc'] is not None]  # undefined AUROCs (one-class test split) stay in the table
   fig, ax = plt.subplots(figsize=(6, 4))
   for init in dict.fromkeys(r['init'] for r in rows):
     mine = [r for r in rows if r['init'] == init]
