@@ -4,8 +4,9 @@ Default: for the SSL (4×112², batch 16) and fine-tuning (16×112², batch 4) s
 (encoder + 1-logit head, BCE, Adam, donated state) and the eval-mode forward → compile time, median time,
 clips/s, GFLOP/s against the analytic R3D-18 count (10.78 / 40.70 GMAC per clip, train = 3× forward) and
 MFU against a GEMM of each compute dtype timed in the same alternation (same machine load; 8192² on an
-accelerator). Last lines: `train_mfu=<float>` and `train_clips_per_s=<float>` for the first shape and variant. Needs only jax/flax/optax/numpy. --conv-impl and --dtype take comma lists: all
-variants are compiled and timed alternately in one process (A B A B ...), so their ratios are like for like.
+accelerator). Last lines: `train_mfu=<float>` and `train_clips_per_s=<float>` for the first shape and
+variant. Needs only jax/flax/optax/numpy. --conv-impl and --dtype take comma lists: all variants are
+compiled and timed alternately in one process (A B A B ...), so their ratios are like for like.
 
 --compare-torch: adds the equivalent PyTorch r3d_18 step and forward (torch_reference.make_torch_r3d18) to
 the same alternation, torch on as many threads as XLA uses, with an idle --gap before every timed call so
@@ -97,7 +98,6 @@ def make_jax_gemm(dtype: str = 'float32', n: int = 2048, count: int = 8):
   bf16×bf16→f32), which is the rate an MFU against "the card's bf16 matmul peak" refers to."""
   a = (jax.random.normal(jax.random.key(1), (n, n), jnp.float32) / n ** 0.5).astype(dtype)
   chain = jax.jit(lambda a: jax.lax.fori_loop(0, count, lambda _, b: b @ a, a))
-  chain(a).block_until_ready()
   return (lambda: chain(a).block_until_ready()), 2 * n ** 3 * count
 
 
@@ -244,15 +244,17 @@ def main(argv=None):
     frames, size = SHAPES[name]
     batch = args.ssl_batch if name == 'ssl' else args.finetune_batch
     macs = r3d_macs_per_clip(frames, size, 64, args.in_channels)
-    train, forward, compiles = {}, {}, []
+    train, forward, compiles, dtype_of = {}, {}, [], {}
     for impl, dtype in itertools.product(impls, dtypes):
       label = f'jax[{resolve_conv_impl(impl)},{dtype}]'
+      dtype_of[label] = dtype
       train[label], forward[label], seconds = make_jax_step(impl, dtype, args.remat, args.in_channels,
                                                              batch, frames, size)
       compiles.append(f'{label} {seconds:.1f} s')
     if torch:
       for variant in torch_variants:
         label = f'torch[{variant}]'
+        dtype_of[label] = 'bfloat16' if variant == 'bf16' else 'float32'
         train[label], forward[label] = make_torch_step(torch, variant, args.in_channels, batch, frames, size)
     fns = {f'{k}.train': f for k, f in train.items()}
     if not args.no_forward:
@@ -268,8 +270,8 @@ def main(argv=None):
     for label, sec in med.items():
       flops = 2 * macs * batch * (3 if label.endswith('train') else 1)
       gf = flops / sec / 1e9
-      # MFU: our analytic FLOPs over the measured GEMM rate of the variant's compute dtype (torch: f32's).
-      dtype = next((d for d in peaks if f',{d}]' in label), 'bfloat16' if 'bf16' in label else 'float32')
+      # MFU: analytic FLOPs over the GEMM rate measured for the variant's compute dtype.
+      dtype = dtype_of[label.rsplit('.', 1)[0]]
       mfu[label] = gf / peaks[dtype] if dtype in peaks else float('nan')
       ref = f'{mfu[label]:.0%} of jax {dtype} GEMM peak' if dtype in peaks else 'no GEMM peak of its dtype'
       print(f'  {label:26s} median {sec:7.3f} s  {batch / sec:8.2f} clips/s  {gf:8.0f} GFLOP/s ({ref})')

@@ -34,7 +34,8 @@ PRESETS = {
     # A quick smoke preset (used by the tests): tiny everything.
     # XLA's own conv: it compiles faster than the CPU GEMM path and these steps are too small to care.
     'smoke': dict(dataset='synthetic_echo', builder_config='ci', width=4, depths=(1, 1, 1, 1),
-                  image_size=32, clip_len=8, ssl_steps=4, ssl_batch=8, ssl_lr=1e-3, fractions=(0.5, 1.0), seeds=(0,),
+                  image_size=32, clip_len=8, ssl_steps=4, ssl_batch=8, ssl_lr=1e-3, fractions=(0.5, 1.0),
+                  seeds=(0,),
                   smallest_fraction_seeds=(0, 1), ft_epochs=1, ft_batch=8, ft_lr=1e-3, ft_patience=1,
                   ft_steps_per_epoch=2, methods=('echoclr',), conv_impl='xla'),
     # The paper's grid (GPU/TPU): R3D-18 at 112², paper hyperparameters.
@@ -123,7 +124,8 @@ def main(argv=None):
   # last: if a run is cut short, the comparisons that matter most are already on disk (rerunning resumes).
   fracs = sorted(p['fractions'])
   frac_order = [fracs[0], fracs[-1]] + fracs[1:-1] if len(fracs) > 1 else fracs
-  seeds_of = {f: p.get('smallest_fraction_seeds', p['seeds']) if f == fracs[0] else p['seeds'] for f in fracs}
+  seeds_of = {f: p['seeds'] for f in fracs}
+  seeds_of[fracs[0]] = p.get('smallest_fraction_seeds', p['seeds'])
   order = [(f, init, seed) for seed_rank in range(max(map(len, seeds_of.values())))
            for f in frac_order for init in inits for seed in seeds_of[f][seed_rank:seed_rank + 1]]
   rows = []
@@ -162,7 +164,7 @@ def _figure(rows, path, preset):
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
   import numpy as np
-  rows = [r for r in rows if r['auroc'] is not None]  # undefined AUROCs (one-class test split) stay in the table
+  rows = [r for r in rows if r['auroc'] is not None]  # undefined AUROCs (one-class split): table only
   fig, ax = plt.subplots(figsize=(6, 4))
   for init in dict.fromkeys(r['init'] for r in rows):
     mine = [r for r in rows if r['init'] == init]

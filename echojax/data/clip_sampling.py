@@ -1,6 +1,6 @@
-"""Per-element clip construction of the tf.data pipeline (`pipeline.make_dataset`): which encoded frames each
-element uses (stateless draws seeded by (seed, process, element index)), SSL views and multi-instance study pairs,
-decode -> augment -> resize -> min-max of training clips, and the evenly spaced multi-clip eval clips.
+"""Per-element clip construction of the tf.data pipeline (`pipeline.make_dataset`): which encoded frames
+each element uses (stateless draws seeded by (seed, process, element index)), SSL views and multi-instance
+study pairs, decode -> augment -> resize -> min-max of training clips, and the evenly spaced eval clips.
 """
 from __future__ import annotations
 
