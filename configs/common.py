@@ -14,7 +14,6 @@ def data_config(name='synthetic_echo', builder_config='small', clip_len=4) -> ml
       manual_dir='',                   # for builders over the user's own files (echo_studies, echonet_*)
       auto_build=True,                 # build the dataset first if it is absent
       train_split='train', val_split='val', test_split='test',
-      label_key='severe_as',
       clip_len=clip_len, clip_stride=1,
       finetune_clip_len=16, eval_num_clips=4, eval_clip_len=16,
       frame_order=False,
@@ -22,6 +21,7 @@ def data_config(name='synthetic_echo', builder_config='small', clip_len=4) -> ml
       image_size=112,                  # < 112 resizes clips after augmentation (CPU presets only)
       augment=dict(enabled=True, pad=8, flip_prob=0.5, rotate_prob=0.5, max_rotate_deg=10, minmax=True),
       shuffle_buffer=1024,
+      num_parallel_calls=-1,           # tf.data map parallelism; -1 = tf.data.AUTOTUNE
   ))
 
 
@@ -40,7 +40,7 @@ def optim_config(name='adam', lr=0.1) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       name=name, lr=lr, lr_scaling='none', base_batch_size=256,
       schedule='constant', warmup_steps=0, warmup_fraction=0.0, end_lr_factor=0.0,
-      weight_decay=0.0, b1=0.9, b2=0.999, momentum=0.9, trust_coefficient=0.001,
+      weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, momentum=0.9, nesterov=False, trust_coefficient=0.001,
       grad_clip_norm=0.0,
   ))
 
@@ -48,4 +48,4 @@ def optim_config(name='adam', lr=0.1) -> ml_collections.ConfigDict:
 def distributed_config() -> ml_collections.ConfigDict:
   # mode 'auto': initialise jax.distributed when the environment describes a multi-process job.
   return ml_collections.ConfigDict(dict(mode='auto', coordinator_address='', num_processes=0,
-                                        process_id=-1))
+                                        process_id=-1, local_device_ids=''))

@@ -12,7 +12,7 @@ VARIANTS = ('echoclr', 'mi_simclr', 'simclr', 'demo')
 
 
 def get_config(arg=None):
-  from echojax.config_lib import parse_variant
+  from echojax.jobs.config_lib import parse_variant
   variant = parse_variant(arg, VARIANTS, 'echoclr')
   c = ml_collections.ConfigDict()
   c.mode = 'ssl'

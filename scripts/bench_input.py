@@ -24,8 +24,6 @@ import scipy
 import scipy.ndimage
 import tensorflow as tf
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests'))
 from echojax.data import pipeline  # noqa: E402
 
 
@@ -109,7 +107,7 @@ def write_avis(builder, split, out_dir):
 
 
 def make_bench_builder(data_dir, num_studies, min_frames, max_frames, seed=0):
-  import tfds_fixtures
+  from tests import tfds_fixtures  # run as `python -m scripts.bench_input` from the repo root
   rng = np.random.default_rng(seed)
   studies = []
   for s in range(num_studies):

@@ -13,7 +13,6 @@ from typing import Optional, Sequence
 import numpy as np
 
 # Runnable as `python scripts/convert_torchvision.py` from a checkout without installing the package.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from echojax.models.encoder_io import KINETICS_NORMALIZATION, make_encoder_spec, save_encoder
 from echojax.models.torchvision_import import (infer_architecture, load_state_dict_file,

@@ -18,7 +18,6 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def oracle_predictions(views: np.ndarray, perms: np.ndarray) -> np.ndarray:

@@ -1,6 +1,8 @@
 """Label-efficiency experiment (the paper's Figure 2): pretrain each SSL method once, fine-tune every init
 on nested fractions of labelled training studies × seeds, evaluate study-level test AUROC with 95 %
-bootstrap CIs; writes results.csv, results.md and label_efficiency.png.
+bootstrap CIs, and compare every pair of inits on the same test studies (paired study bootstrap of the
+AUROC difference, DeLong's test, pooled over seeds); writes results.csv, paired.csv, paired_pooled.csv,
+results.md and label_efficiency.png.
 
   python scripts/label_efficiency.py --preset cpu [--out runs/label_efficiency] [--kinetics DIR]
 
@@ -17,7 +19,6 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import ml_collections  # noqa: E402
 
@@ -27,16 +28,17 @@ PRESETS = {
     # gap at 2 % was 0.14 with touching CIs (README); the budget is the same for every method.
     'cpu': dict(dataset='synthetic_echo', builder_config='benchmark', width=8, depths=(1, 1, 1, 1),
                 image_size=64, clip_len=8, ssl_steps=1500, ssl_batch=32, ssl_lr=1e-3,
-                fractions=(0.02, 0.1, 1.0), seeds=(0,), ft_epochs=5, ft_batch=32, ft_lr=3e-4,
+                fractions=(0.01, 0.02, 0.1, 1.0), seeds=(0,), ft_epochs=5, ft_batch=32, ft_lr=3e-4,
                 ft_patience=3, ft_steps_per_epoch=30, methods=('echoclr', 'mi_simclr', 'simclr'),
-                # The 30-study subset at 2 % is the noisiest cell (which studies, init, data order): 3 seeds.
-                smallest_fraction_seeds=(0, 1, 2)),
+                # 15 and 30 labelled studies (≈ 3 and 6 positive) are the noisiest cells: which studies
+                # are drawn moved random init by 0.23 AUROC at 2 % (README), so 5 seeds there.
+                fraction_seeds={0.01: (0, 1, 2, 3, 4), 0.02: (0, 1, 2, 3, 4)}),
     # A quick smoke preset (used by the tests): tiny everything.
     # XLA's own conv: it compiles faster than the CPU GEMM path and these steps are too small to care.
     'smoke': dict(dataset='synthetic_echo', builder_config='ci', width=4, depths=(1, 1, 1, 1),
                   image_size=32, clip_len=8, ssl_steps=4, ssl_batch=8, ssl_lr=1e-3, fractions=(0.5, 1.0),
                   seeds=(0,),
-                  smallest_fraction_seeds=(0, 1), ft_epochs=1, ft_batch=8, ft_lr=1e-3, ft_patience=1,
+                  fraction_seeds={0.5: (0, 1)}, ft_epochs=1, ft_batch=8, ft_lr=1e-3, ft_patience=1,
                   ft_steps_per_epoch=2, methods=('echoclr',), conv_impl='xla'),
     # The paper's grid (GPU/TPU): R3D-18 at 112², paper hyperparameters.
     'paper': dict(dataset='echo_studies', builder_config='', width=64, depths=(2, 2, 2, 2), image_size=112,
@@ -99,12 +101,16 @@ def main(argv=None):
   parser.add_argument('--no-probe', action='store_true')
   parser.add_argument('--report-only', action='store_true',
                       help='write the tables/figure from the runs finished so far; train nothing')
+  parser.add_argument('--resampling', choices=('stratified', 'plain'), default='stratified',
+                      help='paired bootstrap: keep each class count of the test split (default) or not')
   args = parser.parse_args(argv)
   p = PRESETS[args.preset]
   out = args.out or os.path.join('runs', f'label_efficiency-{args.preset}')
   os.makedirs(out, exist_ok=True)
-  from echojax import export, finetune_trainer, ssl_trainer
-  from echojax.reports import auroc_row, format_auroc_table
+  from echojax.tools import export
+  from echojax.jobs import finetune as finetune_trainer, ssl as ssl_trainer
+  from echojax.data.subsets import LabelFractionError
+  from echojax.evaluation.reports import auroc_row, format_auroc_table
   t0 = time.time()
   print(f'label efficiency, preset {args.preset}: {json.dumps(p)}', flush=True)
 
@@ -124,11 +130,10 @@ def main(argv=None):
   # last: if a run is cut short, the comparisons that matter most are already on disk (rerunning resumes).
   fracs = sorted(p['fractions'])
   frac_order = [fracs[0], fracs[-1]] + fracs[1:-1] if len(fracs) > 1 else fracs
-  seeds_of = {f: p['seeds'] for f in fracs}
-  seeds_of[fracs[0]] = p.get('smallest_fraction_seeds', p['seeds'])
+  seeds_of = {f: p.get('fraction_seeds', {}).get(f, p['seeds']) for f in fracs}
   order = [(f, init, seed) for seed_rank in range(max(map(len, seeds_of.values())))
            for f in frac_order for init in inits for seed in seeds_of[f][seed_rank:seed_rank + 1]]
-  rows = []
+  rows, run_dirs, skipped = [], {}, []
   for frac, (name, path), seed in order:
     wd = os.path.join(out, f'ft-{name}-frac{frac:g}-seed{seed}')
     summary_path = os.path.join(wd, 'eval', 'test', 'summary.json')
@@ -137,8 +142,14 @@ def main(argv=None):
       continue
     if not os.path.exists(summary_path):
       init = 'random' if name == 'random' else ('kinetics' if name == 'kinetics' else 'ssl')
-      finetune_trainer.train(finetune_config(init, path, frac, seed, p, args), wd)
+      try:
+        finetune_trainer.train(finetune_config(init, path, frac, seed, p, args), wd)
+      except LabelFractionError as e:  # a tiny subset drew one class: that seed has no run to compare
+        skipped.append(f'{name} {100 * frac:g}% seed {seed}: {e}')
+        print(f'{name} frac={frac:g} seed={seed}: skipped ({e})', flush=True)
+        continue
     summary = json.load(open(summary_path))
+    run_dirs[frac, name, seed] = wd
     rows.append({'init': name, 'frac': frac, 'seed': seed, **auroc_row(summary)})
     r = rows[-1]
     auc = 'undefined' if r['auroc'] is None else f'{r["auroc"]:.3f} [{r["ci_lo"]:.3f}, {r["ci_hi"]:.3f}]'
@@ -150,42 +161,134 @@ def main(argv=None):
     w.writeheader()
     w.writerows(rows)
   table = format_auroc_table(rows)
+  per_seed, pooled, comparisons = _paired_report(out, run_dirs, [name for name, _ in inits],
+                                                 args.resampling == 'stratified')
   wall = time.time() - t0
   with open(os.path.join(out, 'results.md'), 'w') as f:
     f.write(f'Preset `{args.preset}` — study-level test AUROC [95 % bootstrap CI over studies]\n\n'
-            f'{table}\n\nwall time {wall / 60:.1f} min\n')
-  _figure(rows, os.path.join(out, 'label_efficiency.png'), args.preset)
+            f'{table}\n' + ''.join(f'\n- not trained: {s}' for s in skipped) +
+            f'\n\n## Paired comparisons on the same test studies\n\n{PAIRED_METHOD}\n\n{comparisons}\n'
+            f'wall time {wall / 60:.1f} min\n')
+  _figure(rows, per_seed, pooled, os.path.join(out, 'label_efficiency.png'), args.preset)
   print(table)
-  print(f'wrote {out}/results.csv, results.md, label_efficiency.png in {wall / 60:.1f} min', flush=True)
+  print(comparisons)
+  print(f'wrote {out}/results.csv, paired.csv, paired_pooled.csv, results.md, label_efficiency.png in '
+        f'{wall / 60:.1f} min', flush=True)
 
 
-def _figure(rows, path, preset):
+PAIRED_RESAMPLES = 2000
+PAIRED_METHOD = (
+    'Δ = AUROC(a) − AUROC(b) on the same test studies. Per seed: the paired study bootstrap (the same '
+    f'{PAIRED_RESAMPLES:,} resamples of test studies for both inits and for every run, class counts kept '
+    'unless --resampling plain; 95 % percentile CI) and DeLong\'s test for correlated AUROCs (two-sided). '
+    'Across seeds (the seed draws the labelled subset, the head init and the data order): mean ± sd of '
+    'the per-seed Δ, and the pooled Δ = their mean with a 95 % CI from a two-level bootstrap (seeds drawn '
+    'with replacement × the shared test-study resamples), which carries both the between-subset spread and '
+    'the test-set sampling. p-values are per comparison, not adjusted for the number of comparisons.')
+
+
+def _paired_report(out, run_dirs, names, stratified):
+  """Every pair of inits at every fraction → paired.csv, paired_pooled.csv and their Markdown tables."""
+  import itertools
+  from echojax.evaluation import paired
+  tables = {key: paired.read_study_predictions(os.path.join(wd, 'eval', 'test', 'study_predictions.csv'))
+            for key, wd in run_dirs.items()}
+  ordered = names[1:] + names[:1]  # random last: every Δ reads "method − random", "echoclr − mi_simclr"
+  per_seed, pooled = paired.compare_grid(tables, list(itertools.combinations(ordered, 2)),
+                                         n_resamples=PAIRED_RESAMPLES, stratified=stratified)
+  for name, table_rows in (('paired.csv', per_seed), ('paired_pooled.csv', pooled)):
+    with open(os.path.join(out, name), 'w', newline='') as f:
+      if table_rows:
+        w = csv.DictWriter(f, fieldnames=list(table_rows[0]))
+        w.writeheader()
+        w.writerows(table_rows)
+  text = paired.format_paired_tables(per_seed, pooled) if pooled else '(no pair of runs to compare yet)\n'
+  return per_seed, pooled, text
+
+
+def _dodged(position, slot, n_slots, rank=0, n_ranks=1):
+  """x of a marker: inits side by side around the fraction's tick, seeds side by side within an init."""
+  width = 0.8 / n_slots
+  return position + (slot - (n_slots - 1) / 2) * width + (rank - (n_ranks - 1) / 2) * 0.75 * width / n_ranks
+
+
+def _figure(rows, per_seed, pooled, path, preset):
+  """Left: AUROC per init (thin bars: each run's bootstrap CI; hollow marker and thick bar: mean ± sd
+  over seeds). Right: paired Δ vs random and EchoCLR − MI-SimCLR (thin: per-seed paired CI; diamond and
+  thick bar: pooled Δ and its two-level CI)."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
   import numpy as np
+  from matplotlib.lines import Line2D
   rows = [r for r in rows if r['auroc'] is not None]  # undefined AUROCs (one-class split): table only
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for init in dict.fromkeys(r['init'] for r in rows):
-    mine = [r for r in rows if r['init'] == init]
-    fracs = sorted(set(r['frac'] for r in mine))
-    mean = [np.mean([r['auroc'] for r in mine if r['frac'] == f]) for f in fracs]
-    lo = [np.mean([r['ci_lo'] for r in mine if r['frac'] == f]) for f in fracs]
-    hi = [np.mean([r['ci_hi'] for r in mine if r['frac'] == f]) for f in fracs]
-    x = [100 * f for f in fracs]
-    line = ax.errorbar(x, mean, yerr=[np.subtract(mean, lo), np.subtract(hi, mean)], marker='o', capsize=3,
-                       label=init)
-    seeds = [(100 * r['frac'], r['auroc']) for r in mine if sum(q['frac'] == r['frac'] for q in mine) > 1]
-    if seeds:  # several seeds: the line is their mean (bars: mean CI); each seed is a faint dot
-      ax.scatter(*zip(*seeds), s=12, alpha=0.45, color=line[0].get_color())
-  ax.set_xscale('log')
-  ax.set_xlabel('% of labelled training studies')
-  ax.set_ylabel('study-level test AUROC (95 % CI; mean over seeds)')
-  ax.set_title(f'Label efficiency ({preset} preset)')
-  ax.grid(alpha=0.3)
-  ax.legend()
+  fracs = sorted({r['frac'] for r in rows})
+  at = {frac: i for i, frac in enumerate(fracs)}  # evenly spaced ticks: 1 % and 2 % need the room
+  colors = plt.rcParams['axes.prop_cycle'].by_key()['color']
+  fig, (ax, dax) = plt.subplots(1, 2, figsize=(12, 5.6))
+
+  inits = list(dict.fromkeys(r['init'] for r in rows))
+  for slot, init in enumerate(inits):
+    color, centre, means = colors[slot % len(colors)], [], []
+    for frac in fracs:
+      runs = sorted((r for r in rows if r['init'] == init and r['frac'] == frac), key=lambda r: r['seed'])
+      if not runs:
+        continue
+      for rank, r in enumerate(runs):
+        x = _dodged(at[frac], slot, len(inits), rank, len(runs))
+        ax.errorbar([x], [r['auroc']], yerr=[[r['auroc'] - r['ci_lo']], [r['ci_hi'] - r['auroc']]], fmt='.',
+                    color=color, ms=4, lw=0.8, alpha=0.8)
+      values = [r['auroc'] for r in runs]
+      centre.append(_dodged(at[frac], slot, len(inits)))
+      means.append(np.mean(values))
+      if len(runs) > 1:
+        ax.errorbar([centre[-1]], [means[-1]], yerr=[np.std(values, ddof=1)], fmt='none', color=color,
+                    lw=6, alpha=0.3, zorder=3)
+        ax.plot([centre[-1]], [means[-1]], 'o', mfc='white', mec=color, mew=1.5, ms=7, zorder=4)
+    ax.plot(centre, means, '-', color=color, lw=1.2, label=init)
+  ax.axhline(0.5, ls='--', color='grey', lw=1)
+  handles = ax.get_legend_handles_labels()[0] + [
+      Line2D([], [], color='grey', ls='--', lw=1, label='chance (0.5)'),
+      Line2D([], [], color='k', marker='.', lw=0.8, label="one run: 95 % study-bootstrap CI"),
+      Line2D([], [], color='grey', marker='o', mfc='white', mec='k', lw=6, label='mean ± sd over seeds')]
+  ax.legend(handles=handles, fontsize=8, loc='upper center', bbox_to_anchor=(0.5, -0.13), ncol=3)
+  ax.set(ylabel='study-level test AUROC', title=f'Label efficiency ({preset} preset)')
+
+  pairs = [(a, b) for a, b in dict.fromkeys((r['init_a'], r['init_b']) for r in pooled)
+           if b == 'random' or (a, b) == ('echoclr', 'mi_simclr')]
+  for slot, (a, b) in enumerate(pairs):
+    # Δ vs random in the method's colour; a method-vs-method pair in a colour no init uses, hollow.
+    color = colors[(inits.index(a) if b == 'random' else len(inits) + slot) % len(colors)]
+    marker_fill = 'white' if b != 'random' else color
+    for frac in fracs:
+      runs = [r for r in per_seed if (r['init_a'], r['init_b'], r['frac']) == (a, b, frac)
+              and r['difference'] is not None]
+      for rank, r in enumerate(runs):
+        x = _dodged(at[frac], slot, len(pairs), rank, len(runs))
+        lo, hi = (r['ci_lo'], r['ci_hi']) if r['ci_lo'] is not None else (r['difference'],) * 2
+        dax.errorbar([x], [r['difference']], yerr=[[r['difference'] - lo], [hi - r['difference']]], fmt='.',
+                     color=color, ms=4, lw=0.8, alpha=0.8)
+      pool = next((r for r in pooled if (r['init_a'], r['init_b'], r['frac']) == (a, b, frac)), None)
+      if pool and pool['n_seeds'] > 1 and pool['ci_lo'] is not None:
+        x, m = _dodged(at[frac], slot, len(pairs)), pool['mean']
+        dax.errorbar([x], [m], yerr=[[m - pool['ci_lo']], [pool['ci_hi'] - m]], fmt='none', color=color, lw=6,
+                     alpha=0.3, zorder=3)
+        dax.plot([x], [m], 'D', mfc=marker_fill, mec=color, mew=1.5, ms=6, zorder=4)
+    dax.plot([], [], 'D', color=color, mfc=marker_fill, label=f'{a} − {b}')
+  dax.axhline(0, ls='--', color='grey', lw=1)
+  handles = dax.get_legend_handles_labels()[0] + [
+      Line2D([], [], color='grey', ls='--', lw=1, label='no difference'),
+      Line2D([], [], color='k', marker='.', lw=0.8, label='one seed: 95 % paired bootstrap CI'),
+      Line2D([], [], color='grey', marker='D', mfc='k', mec='k', lw=6, label='pooled over seeds: 95 % CI')]
+  dax.legend(handles=handles, fontsize=8, loc='upper center', bbox_to_anchor=(0.5, -0.13), ncol=3)
+  dax.set(ylabel='Δ study-level test AUROC (a − b)', title='Paired differences on the same test studies')
+  for axis in (ax, dax):
+    axis.set_xticks(range(len(fracs)), [f'{100 * f:g}%' for f in fracs])
+    axis.set_xlim(-0.55, len(fracs) - 0.45)
+    axis.set_xlabel('labelled training studies (% of the training split; evenly spaced)')
+    axis.grid(alpha=0.3, axis='y')
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  fig.savefig(path, dpi=130)
   plt.close(fig)
 
 

@@ -75,7 +75,7 @@ def flat(tree) -> np.ndarray:
 def initial_state(model: nn.Module, view_shape: tuple[int, ...] = VIEW_SHAPE):
   """The model's TrainState (SGD, momentum 0.9: the first update is −0.1·grad) on the host, computed on one
   local device, so every process and every mesh starts from the same values."""
-  from echojax import optim, steps
+  from echojax.core import optim, steps
 
   tx = optim.make_optimizer({'name': 'sgd', 'lr': 0.1, 'momentum': 0.9}, total_steps=10,
                             global_batch_size=GLOBAL_BATCH)
@@ -90,7 +90,7 @@ def ssl_step_outputs(mesh, local_batch: dict[str, np.ndarray], fsdp: bool = Fals
   """Loss, flattened gradients, updated params and batch_stats of one jitted SSL step on `mesh`
   (fsdp: every parameter leaf split over 'data' where a dimension divides, instead of replicated).
   host_state: the model's `initial_state` (computed here when None)."""
-  from echojax import parallel, steps
+  from echojax.core import parallel, steps
 
   model = model or TinySSLModel()
   if host_state is None:
@@ -149,7 +149,7 @@ def inference_batches(process_id: int | None = None, local_batch: int = 4):
 
 def inference_outputs(mesh, batches, num_local_batches: int | None = None) -> dict:
   """run_inference with a per-clip linear map: outputs (V, N), ids and labels of every process's rows."""
-  from echojax import inference
+  from echojax.core import inference
   weights = jnp.arange(16, dtype=jnp.float32).reshape(4, 4, 1) / 16
   apply_fn = jax.jit(lambda x: jnp.einsum('bnthwc,hwc->bn', x, weights))
   return inference.run_inference(apply_fn, batches, mesh, num_local_batches=num_local_batches)
@@ -163,8 +163,7 @@ def main(argv=None):
   parser.add_argument('--out', required=True)
   args = parser.parse_args(argv)
 
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from echojax import parallel
+  from echojax.core import parallel
 
   started = parallel.maybe_initialize_distributed({
       'coordinator_address': f'127.0.0.1:{args.port}', 'num_processes': args.num_processes,

@@ -8,7 +8,7 @@ import pytest
 from scipy import stats
 from sklearn import metrics as skm
 
-from echojax import evaluate as ev
+from echojax.evaluation import bootstrap as ev
 
 
 def _clustered_split(seed=0, n_studies=80, prevalence=0.3):
@@ -70,29 +70,52 @@ def test_vectorised_metrics_follow_sklearn_conventions_on_degenerate_resamples()
   assert np.isnan(resampled['auroc'][0]) and resampled['mcc@0.5'][0] == 0.0
 
 
-def _sklearn_percentile_ci(statistic, n_studies, n_resamples, ci_level, seed, batch):
-  result = stats.bootstrap((np.arange(n_studies),), statistic, vectorized=False, n_resamples=n_resamples,
+def _sklearn_percentile_ci(statistic, groups, n_resamples, ci_level, seed, batch):
+  result = stats.bootstrap(tuple(groups), statistic, vectorized=False, n_resamples=n_resamples, paired=False,
                            batch=batch, method='percentile', confidence_level=ci_level,
                            rng=np.random.default_rng(seed))
   return [result.confidence_interval.low, result.confidence_interval.high]
 
 
 @pytest.mark.parametrize('ci_level', [0.95, 0.90])
-def test_intervals_equal_scipy_percentile_bootstrap_of_sklearn_auroc(ci_level):
+@pytest.mark.parametrize('kind', ['simple', 'stratified'])
+def test_intervals_equal_scipy_percentile_bootstrap_of_sklearn_auroc(ci_level, kind):
   videos, studies = _clustered_split(n_studies=120)
-  summary = ev.evaluate_split(videos, studies, n_resamples=250, ci_level=ci_level, seed=3, batch=100)
-  assert summary['bootstrap']['n_degenerate'] == 0
-  study_auc = lambda idx: skm.roc_auc_score(studies.labels[idx], studies.probs[idx])
-  expected = _sklearn_percentile_ci(study_auc, len(studies), 250, ci_level, 3, 100)
+  summary = ev.evaluate_split(videos, studies, n_resamples=250, ci_level=ci_level, seed=3, batch=100,
+                              bootstrap=kind)
+  assert summary['bootstrap']['n_degenerate'] == 0 and summary['bootstrap']['resampling'] == kind
+  # simple: one sample of all studies; stratified: negatives and positives resampled separately.
+  groups = ([np.arange(len(studies))] if kind == 'simple'
+            else [np.flatnonzero(studies.labels == 0), np.flatnonzero(studies.labels == 1)])
+  study_auc = lambda *idx: skm.roc_auc_score(studies.labels[np.concatenate(idx)],
+                                             studies.probs[np.concatenate(idx)])
+  expected = _sklearn_percentile_ci(study_auc, groups, 250, ci_level, 3, 100)
   key = f'ci{round(ci_level * 100)}'
   np.testing.assert_allclose(summary['study']['metrics']['auroc'][key], expected, rtol=1e-10)
   # Video level: whole studies are drawn, each bringing all of its videos.
   videos_of_study = [np.flatnonzero(videos.study_ids == s) for s in studies.study_ids]
-  def video_auc(idx):
-    rows = np.concatenate([videos_of_study[i] for i in idx])
+  def video_auc(*idx):
+    rows = np.concatenate([videos_of_study[i] for i in np.concatenate(idx)])
     return skm.roc_auc_score(videos.labels[rows], videos.probs[rows])
-  expected = _sklearn_percentile_ci(video_auc, len(studies), 250, ci_level, 3, 100)
+  expected = _sklearn_percentile_ci(video_auc, groups, 250, ci_level, 3, 100)
   np.testing.assert_allclose(summary['video']['metrics']['auroc'][key], expected, rtol=1e-10)
+
+
+def test_stratified_resamples_keep_the_class_counts():
+  videos, studies = _clustered_split(n_studies=40)
+  seen = []
+  def statistic(weights):
+    seen.append(weights @ (studies.labels == 1))
+    return weights.sum(1, keepdims=True).T
+  distribution = ev.study_bootstrap(statistic, len(studies), strata=studies.labels, n_resamples=300, seed=1)
+  assert distribution.shape == (1, 300) and (distribution == len(studies)).all()
+  np.testing.assert_array_equal(np.concatenate(seen), (studies.labels == 1).sum())
+  # A stratum of a single study is that study in every resample.
+  labels = np.array([0, 0, 0, 1])
+  d = ev.study_bootstrap(lambda w: w[:, 3][None], 4, strata=labels, n_resamples=50)
+  assert (d == 1).all()
+  d = ev.study_bootstrap(lambda w: w.sum(1)[None], 2, strata=[0, 1], n_resamples=20)
+  assert d.shape == (1, 20) and (d == 2).all()
 
 
 def test_ci_contains_point_and_90_percent_interval_is_narrower():
@@ -107,15 +130,18 @@ def test_ci_contains_point_and_90_percent_interval_is_narrower():
       assert lo <= entry['value'] <= hi, (level, name)
       narrow_lo, narrow_hi = narrow[level]['metrics'][name]['ci90']
       assert 'ci95' not in narrow[level]['metrics'][name] or narrow[level]['metrics'][name]['ci95'] is None
-      assert lo <= narrow_lo and narrow_hi <= hi and (narrow_hi - narrow_lo) < (hi - lo), (level, name)
+      # Discrete metrics (sensitivity of a few positives) can have equal 90 % and 95 % percentiles.
+      assert lo <= narrow_lo and narrow_hi <= hi and (narrow_hi - narrow_lo) <= (hi - lo), (level, name)
+    auroc_wide, auroc_narrow = wide[level]['metrics']['auroc']['ci95'], narrow[level]['metrics']['auroc']['ci90']
+    assert auroc_narrow[1] - auroc_narrow[0] < auroc_wide[1] - auroc_wide[0]
 
 
-def test_one_class_resamples_are_skipped_and_counted():
+def test_simple_bootstrap_skips_and_counts_one_class_resamples_stratified_has_none():
   # 6 studies, one positive: P(resample has no positive) = (5/6)^6 ≈ 0.335.
   labels = np.array([0, 0, 0, 0, 0, 1])
   probs = np.array([0.1, 0.2, 0.3, 0.6, 0.7, 0.8])
   videos, studies = ev.aggregate_predictions(probs, list('abcdef'), list('ABCDEF'), labels, outputs='probs')
-  summary = ev.evaluate_split(videos, studies, n_resamples=2000, seed=0)
+  summary = ev.evaluate_split(videos, studies, n_resamples=2000, seed=0, bootstrap='simple')
   degenerate = summary['bootstrap']['n_degenerate']
   assert 0.30 * 2000 < degenerate < 0.37 * 2000
   for name, entry in summary['study']['metrics'].items():
@@ -123,6 +149,10 @@ def test_one_class_resamples_are_skipped_and_counted():
       assert entry['n_resamples_used'] <= 2000 - degenerate, name
   assert summary['study']['metrics']['auroc']['n_resamples_used'] == 2000 - degenerate
   assert summary['study']['metrics']['accuracy@0.5']['n_resamples_used'] == 2000 - degenerate
+  stratified = ev.evaluate_split(videos, studies, n_resamples=500, seed=0)
+  assert stratified['bootstrap']['n_degenerate'] == 0
+  assert stratified['study']['metrics']['auroc']['n_resamples_used'] == 500
+  assert 'CI rests on 1 positive studies' in stratified['study']['metrics']['auroc']['note']
 
 
 def _binormal_coverage(n_sims, n_resamples, d=1.2, n_pos=30, n_neg=70, seed=0):

@@ -10,7 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from echojax import demo, evaluate_job, finetune_trainer, predict, saliency
+from echojax.jobs import demo, evaluate as evaluate_job, finetune as finetune_trainer
+from echojax.tools import predict, saliency
 from echojax.data import video_io
 from tests import dicom_fixtures
 from tests import trainer_fixtures as tf_
@@ -114,8 +115,7 @@ def test_demo_end_to_end_shortened(data_dir, tmp_path):
 
 
 def test_label_efficiency_smoke_preset(data_dir, tmp_path):
-  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts'))
-  import label_efficiency
+  from scripts import label_efficiency
   out = str(tmp_path / 'le')
   label_efficiency.main(['--preset', 'smoke', '--out', out, '--data-dir', data_dir, '--no-probe'])
   with open(os.path.join(out, 'results.csv')) as f:
@@ -129,6 +129,20 @@ def test_label_efficiency_smoke_preset(data_dir, tmp_path):
   table = open(os.path.join(out, 'results.md')).read()
   assert '| 50% |' in table and '(2 runs)' in table and 'echoclr' in table
   assert os.path.getsize(os.path.join(out, 'label_efficiency.png')) > 1000
+  # Paired comparisons: echoclr − random on the same test studies, per seed and pooled over seeds.
+  with open(os.path.join(out, 'paired.csv')) as f:
+    per_seed = list(csv.DictReader(f))
+  assert [(r['init_a'], r['init_b'], float(r['frac']), int(r['seed'])) for r in per_seed] == [
+      ('echoclr', 'random', 0.5, 0), ('echoclr', 'random', 0.5, 1), ('echoclr', 'random', 1.0, 0)]
+  for r in per_seed:
+    aurocs = {a['init']: a['auroc'] for a in rows if (a['frac'], a['seed']) == (r['frac'], r['seed'])}
+    if r['difference']:  # the difference of the two runs' own AUROCs, DeLong's p a probability
+      assert float(r['difference']) == pytest.approx(float(aurocs['echoclr']) - float(aurocs['random']))
+    assert r['delong_p'] == '' or 0 <= float(r['delong_p']) <= 1
+  with open(os.path.join(out, 'paired_pooled.csv')) as f:
+    pooled = list(csv.DictReader(f))
+  assert [(float(r['frac']), int(r['n_seeds'])) for r in pooled] == [(0.5, 2), (1.0, 1)]
+  assert '## Paired comparisons' in table and '| 50% | echoclr − random | 2 |' in table
   # Rerunning trains nothing: every run is reused (report-only would say "not run yet" otherwise).
   before = os.path.getmtime(os.path.join(out, 'ft-random-frac1-seed0', 'eval', 'test', 'summary.json'))
   label_efficiency.main(['--preset', 'smoke', '--out', out, '--data-dir', data_dir, '--report-only'])

@@ -131,7 +131,6 @@ def test_custom_vjp_under_remat_and_jit(x64):
 
 def test_every_r3d18_conv_is_covered():
   # Guard: the configs above are exactly the distinct convs of R3D-18 (stem + 3 block kinds).
-  sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'scripts'))
-  from bench_train import r3d_convs
+  from scripts.bench_train import r3d_convs
   used = {(k, s, p) for _, _, k, s, p, _ in r3d_convs(16, 112)}
   assert used == set(R3D_CONFIGS.values())

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from echojax import evaluate as ev
+from echojax.evaluation import bootstrap as ev
+from echojax.evaluation import calibration
 
 LN3 = math.log(3.0)
 
@@ -66,7 +67,7 @@ def test_multiclass_aggregation_is_mean_of_softmaxes():
   videos, studies = ev.aggregate_predictions(logits, ['v0', 'v1'], ['s', 's'], [2, 2])
   np.testing.assert_allclose(videos.probs, [[0.375, 0.25, 0.375], [0.25, 0.5, 0.25]])
   np.testing.assert_allclose(studies.probs, [[0.3125, 0.375, 0.3125]])
-  with pytest.raises(ValueError, match='multi-class'):
+  with pytest.raises(ValueError, match='evaluate_multiclass'):
     ev.evaluate_split(videos, studies)
 
 
@@ -108,6 +109,7 @@ def test_every_metric_equals_scikit_learn(threshold):
       'balanced_accuracy': skm.balanced_accuracy_score(labels, preds),
       'mcc': skm.matthews_corrcoef(labels, preds),
       'precision': skm.precision_score(labels, preds),
+      'npv': skm.precision_score(labels, preds, pos_label=0),
       'sensitivity': skm.recall_score(labels, preds),
       'specificity': tn / (tn + fp),
       'f1': skm.f1_score(labels, preds),
@@ -194,7 +196,7 @@ def test_evaluate_split_reports_every_metric_at_both_levels_and_thresholds():
                               n_resamples=300)
   assert summary['thresholds'] == {'fixed': 0.5, 'chosen': {'study': 0.42, 'video': 0.42},
                                    'chosen_method': 'max_f1 on val'}
-  expected_names = {'auroc', 'average_precision'} | {
+  expected_names = {'auroc', 'average_precision', *calibration.CALIBRATION_METRICS} | {
       f'{m}@{t}' for m in ev.THRESHOLD_METRICS for t in ('0.5', 'chosen')}
   for level, table in (('study', studies), ('video', videos)):
     part = summary[level]
@@ -204,11 +206,15 @@ def test_evaluate_split_reports_every_metric_at_both_levels_and_thresholds():
     for name, entry in part['metrics'].items():
       threshold = entry.get('threshold', 0.5)
       point, _ = ev.binary_metrics(table.labels, table.probs, threshold)
+      point.update(calibration.calibration_metrics(table.labels, table.probs)[0])
       assert entry['value'] == pytest.approx(point[name.split('@')[0]], rel=1e-12), (level, name)
       lo, hi = entry['ci95']
       assert lo <= entry['value'] <= hi, (level, name)
       assert (entry['n'], entry['n_pos']) == (part['n'], part['n_pos'])
-      assert entry['n_resamples_used'] == 300
+      if name.startswith('calibration_'):  # a resample whose classes separate has no logistic fit
+        assert 250 < entry['n_resamples_used'] <= 300, (level, name)
+      else:
+        assert entry['n_resamples_used'] == 300, (level, name)
     assert part['metrics']['f1@chosen']['threshold'] == 0.42
   # Per-level thresholds, and no chosen threshold at all.
   per_level = ev.evaluate_split(videos, threshold={'study': 0.4}, n_resamples=50)

@@ -5,8 +5,7 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts'))
-import frame_order_oracle as oracle  # noqa: E402
+from scripts import frame_order_oracle as oracle  # noqa: E402
 from echojax.data.augment import permutation_table  # noqa: E402
 
 PERMS = np.asarray(permutation_table(4))

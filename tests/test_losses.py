@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from echojax import losses, parallel
+from echojax.core import losses, parallel
 
 
 def np_log_softmax(x):

@@ -10,11 +10,10 @@ import jax
 import numpy as np
 import pytest
 
-from echojax import parallel
+from echojax.core import parallel
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-import multiprocess_worker as worker  # noqa: E402
+from tests import multiprocess_worker as worker  # noqa: E402
 
 NUM_PROCESSES = 2
 DEVICES_PER_PROCESS = 2

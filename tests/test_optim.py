@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from echojax import optim
+from echojax.core import optim
 
 
 def toy_params():

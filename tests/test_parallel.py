@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from echojax import optim, parallel, steps
+from echojax.core import optim, parallel, steps
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import multiprocess_worker as standins  # noqa: E402  (tiny stand-in models shared with the worker)
+from tests import multiprocess_worker as standins  # noqa: E402  (tiny stand-in models shared with the worker)
 
 
 def one_device_mesh():
@@ -305,7 +304,7 @@ def test_integer_video_is_rejected():
 
 
 def test_pure_jax_modules_import_without_tensorflow_sklearn_or_clu():
-  code = ('import sys; import echojax.losses, echojax.optim, echojax.parallel, echojax.steps; '
+  code = ('import sys; import echojax.core.losses, echojax.core.optim, echojax.core.parallel, echojax.core.steps; '
           'bad = [m for m in ("tensorflow", "sklearn", "clu", "tensorflow_datasets") if m in sys.modules]; '
           'assert not bad, bad')
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -9,8 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-import tfds_fixtures as fx  # noqa: E402
+from tests import tfds_fixtures as fx  # noqa: E402
 
 from echojax.data import pipeline  # noqa: E402
 
@@ -255,7 +254,7 @@ def test_get_builder_registered_and_module(builder, tmp_path, monkeypatch):
   pkg.mkdir()
   (pkg / '__init__.py').write_text('')
   (pkg / 'tiny_fake_dataset_builder.py').write_text(
-      'import tfds_fixtures\n'
+      'from tests import tfds_fixtures\n'
       'class Builder(tfds_fixtures.TinyEcho, skip_registration=True):\n'
       "  name = 'tiny_fake'\n")
   monkeypatch.setattr(data_builders, '__path__', list(data_builders.__path__) + [str(tmp_path)])
@@ -263,7 +262,8 @@ def test_get_builder_registered_and_module(builder, tmp_path, monkeypatch):
   assert fake.name == 'tiny_fake' and fake.data_dir.startswith(str(tmp_path / 'data'))
   registered = pipeline.get_builder('mnist', data_dir=str(tmp_path / 'data'))
   assert isinstance(registered, tfds.core.DatasetBuilder) and registered.name == 'mnist'
-  with pytest.raises(Exception, match='no_such_dataset_xyz'):
+  with pytest.raises(ValueError, match="unknown dataset 'no_such_dataset_xyz'; the project's builders are: "
+                     'echo_studies, echonet_dynamic, echonet_lvh, synthetic_echo'):
     pipeline.get_builder('no_such_dataset_xyz', data_dir=str(tmp_path / 'data'))
 
 

@@ -6,7 +6,8 @@ import numpy as np
 import optax
 import pytest
 
-from echojax import saliency, steps
+from echojax.evaluation import gradcam as saliency
+from echojax.core import steps
 from echojax.models import Classifier
 
 T, S = 4, 32

@@ -9,8 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from echojax import export, finetune_trainer, ssl_trainer, subsets
-from echojax.logging_lib import NonFiniteLossError
+from echojax.tools import export
+from echojax.jobs import finetune as finetune_trainer, ssl as ssl_trainer
+from echojax.data import subsets
+from echojax.jobs.logging_lib import NonFiniteLossError
 from tests import trainer_fixtures as tf_
 
 
@@ -68,7 +70,8 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_last_checkpoint(ssl_run, 
 
 
 def test_export_then_load_encoder_round_trip(ssl_run, tmp_path):
-  from echojax import builders, checkpointing
+  from echojax import builders
+  from echojax.jobs import checkpointing
   from echojax.models import load_encoder
   workdir, _, second = ssl_run
   out = export.export_encoder(workdir, str(tmp_path / 'enc'))
@@ -117,7 +120,7 @@ def test_finetune_architecture_mismatch_lists_keys(ssl_run, data_dir, tmp_path):
   model, variables, spec = builders.classifier_with_init(cfg)
   bad = jax.tree.map(lambda a: a, variables)
   bad['params']['stem_conv']['kernel'] = np.zeros((3, 7, 7, 1, 5), np.float32)
-  from echojax import optim, steps
+  from echojax.core import optim, steps
   state = steps.create_train_state(builders.classifier(cfg), optim.make_optimizer(
       cfg.optim, total_steps=1, global_batch_size=8), jax.random.key(0, impl='rbg'),
       jnp.zeros((1, 8, 32, 32, 1)))
@@ -127,7 +130,7 @@ def test_finetune_architecture_mismatch_lists_keys(ssl_run, data_dir, tmp_path):
 
 def test_sigterm_marks_checkpointer_preempted(tmp_path):
   import signal
-  from echojax.checkpointing import Checkpointer
+  from echojax.jobs.checkpointing import Checkpointer
   ckpt = Checkpointer(str(tmp_path), save_every=100)
   try:
     assert not ckpt.should_stop(1)
@@ -138,7 +141,7 @@ def test_sigterm_marks_checkpointer_preempted(tmp_path):
 
 
 def test_preemption_saves_a_checkpoint_and_exits(data_dir, tmp_path, monkeypatch):
-  from echojax import checkpointing
+  from echojax.jobs import checkpointing
   workdir = str(tmp_path / 'pre')
   monkeypatch.setattr(checkpointing.Checkpointer, 'should_stop', lambda self, step: step == 3)
   with pytest.raises(checkpointing.Preempted, match='preempted at step 3'):

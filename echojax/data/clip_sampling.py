@@ -169,18 +169,39 @@ def decode_and_augment(element, mode, cfg, frame_size):
   return dict(video=video, label=element['label'], study_id=element['study_id'], video_id=element['video_id'])
 
 
-def eval_clips(r, cfg, frame_size):
-  """eval_num_clips evenly spaced clips (starts k*max((T-L)//N, 0)), per-clip min-max, zero-padded tails."""
+def _eval_clip_index(num_frames, cfg):
+  """Frame indices (N, L) of the eval clips (starts k*max((T-L)//N, 0)), their validity, and how many
+  leading frames they use."""
   n, length = cfg.eval_num_clips, cfg.eval_clip_len
-  num_frames = r['num_frames']
   step = tf.maximum((num_frames - length) // n, 0)
   idx = (tf.range(n)[:, None] * step + tf.range(length)[None, :])
-  valid = idx < num_frames
+  return idx, idx < num_frames, tf.minimum(num_frames, (n - 1) * step + length)
+
+
+def _finish_eval_clips(frames, idx, valid, used, cfg):
+  """Decoded uint8 frames [0, used) → the (N, L, S, S, 1) eval clips: one implementation for records
+  (`eval_clips`) and raw videos (`eval_clips_of_frames`)."""
+  frames = tf.gather(frames, tf.minimum(idx, used - 1))
+  return tf.stack([_finish_clip(frames[k], valid[k], None, cfg, augment=False)
+                   for k in range(cfg.eval_num_clips)])
+
+
+def eval_clips(r, cfg, frame_size):
+  """eval_num_clips evenly spaced clips, resized then (optionally) min-maxed per clip, zero-padded tails."""
+  idx, valid, used = _eval_clip_index(r['num_frames'], cfg)
   # Clips overlap when T < N*L: decode each needed frame once (frames [0, used)), then gather the clips.
-  used = tf.minimum(num_frames, (n - 1) * step + length)
   decoded = tf.map_fn(lambda png: tf.io.decode_png(png, channels=1), r['video'][:used],
                       fn_output_signature=tf.TensorSpec([frame_size, frame_size, 1], tf.uint8))
-  frames = tf.gather(decoded, tf.minimum(idx, used - 1))
-  clips = tf.stack([_finish_clip(frames[k], valid[k], None, cfg, augment=False) for k in range(n)])
+  clips = _finish_eval_clips(decoded, idx, valid, used, cfg)
   return dict(video=clips, label=r['label'], study_id=r['study_id'], video_id=r['video_id'],
               mask=tf.constant(True))
+
+
+def eval_clips_of_frames(frames, cfg):
+  """uint8 frames (T, S, S[, 1]) of a raw video → float32 (N, L, image_size, image_size, 1), exactly as the
+  eval pipeline prepares a record's video (same indices, resize, min-max and padding)."""
+  frames = tf.convert_to_tensor(frames, tf.uint8)
+  if frames.shape.rank == 3:
+    frames = frames[..., None]
+  idx, valid, used = _eval_clip_index(tf.shape(frames)[0], cfg)
+  return _finish_eval_clips(frames[:used], idx, valid, used, cfg).numpy()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 import logging
 from typing import Any, Optional, Sequence
 
@@ -19,8 +20,8 @@ import tensorflow_datasets as tfds
 from echojax.data import augment as augment_lib
 from echojax.data import records
 from echojax.data.augment import permutation_index, permutation_table  # noqa: F401 (public API)
-from echojax.data.clip_sampling import (decode_and_augment, eval_clips, multi_instance_elements,
-                                        single_clip_elements)
+from echojax.data.clip_sampling import (decode_and_augment, eval_clips, eval_clips_of_frames,
+                                        multi_instance_elements, single_clip_elements)
 
 MODES = ('simclr', 'multi_instance', 'finetune', 'eval')
 _TRAIN_CYCLE_LENGTH = 4                              # files read at once when training (mixes studies)
@@ -53,22 +54,46 @@ def _resolve_config(cfg: Any) -> ml_collections.ConfigDict:
   return out
 
 
+def project_builders() -> list[str]:
+  """Names of the TFDS builders under data_builders/ (one folder each)."""
+  import data_builders
+  root = os.path.dirname(data_builders.__file__)
+  return sorted(d for d in os.listdir(root)
+                if os.path.isfile(os.path.join(root, d, f'{d}_dataset_builder.py')))
+
+
+def _builder_module(name: str):
+  """`data_builders.<name>.<name>_dataset_builder`, or None when `name` is not one of the project's."""
+  if not name.isidentifier():
+    return None
+  module_name = f'data_builders.{name}.{name}_dataset_builder'
+  try:
+    return importlib.import_module(module_name)
+  except ModuleNotFoundError as e:  # not one of ours: fall back to a registered name
+    if e.name not in (module_name, f'data_builders.{name}'):
+      raise
+    return None
+
+
+def builder_config_names(name: str) -> list[str]:
+  module = _builder_module(name)
+  configs = getattr(getattr(module, 'Builder', None), 'BUILDER_CONFIGS', None) or []
+  return [c.name for c in configs]
+
+
 def get_builder(name: str, builder_config: Optional[str] = None, data_dir: Optional[str] = None):
-  """Imports `data_builders.<name>.<name>_dataset_builder` when it exists and returns the TFDS builder."""
+  """The project's builder `name` (data_builders/<name>), else a TFDS-registered one."""
   kwargs = dict(data_dir=data_dir)
   if builder_config:
     kwargs['config'] = builder_config
-  module = None
-  if name.isidentifier():
-    module_name = f'data_builders.{name}.{name}_dataset_builder'
-    try:
-      module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:  # not one of ours: fall back to a registered name
-      if e.name not in (module_name, f'data_builders.{name}'):
-        raise
+  module = _builder_module(name)
   if module is not None and hasattr(module, 'Builder'):
     return module.Builder(**kwargs)
-  return tfds.builder(name, **kwargs)
+  try:
+    return tfds.builder(name, **kwargs)
+  except tfds.core.registered.DatasetNotFoundError:
+    raise ValueError(f'unknown dataset {name!r}; the project\'s builders are: '
+                     f'{", ".join(project_builders())} (or any dataset registered with TFDS)') from None
 
 
 def _process_split(split: str, process_index: Optional[int], process_count: Optional[int]):
@@ -272,3 +297,9 @@ def _log_unknown_labels(builder, split, process_index, process_count, study_ids,
   _log.warning('finetune %s[%s] (process %d/%d): dropping %d of %d videos with unknown %r',
                builder.info.full_name, split, process_index, process_count, unknown, len(rows), label_key)
   UNKNOWN_LABEL_COUNTS[key] = (unknown, len(rows))
+
+
+def eval_clips_for_video(frames, cfg=None):
+  """The eval clips of one raw uint8 video (T, S, S) under data config `cfg` (what predict and saliency feed
+  the model; identical to `make_dataset(..., 'eval')` for the same frames)."""
+  return eval_clips_of_frames(frames, _resolve_config(cfg))

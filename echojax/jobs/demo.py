@@ -9,11 +9,15 @@ import time
 
 import ml_collections
 
-from echojax.logging_lib import log
+from echojax.jobs.logging_lib import log
 
 
 def run(cfg, workdir: str) -> dict:
-  from echojax import evaluate, export, finetune_trainer, saliency, ssl_trainer
+  from echojax.evaluation import reports
+  from echojax.jobs import evaluate as evaluate_job
+  from echojax.jobs import finetune as finetune_trainer
+  from echojax.jobs import model_init
+  from echojax.jobs import ssl as ssl_trainer
   t0 = time.time()
   data = ml_collections.ConfigDict(cfg.data.to_dict())
   pre = ml_collections.ConfigDict(cfg.pretrain.to_dict())
@@ -22,7 +26,7 @@ def run(cfg, workdir: str) -> dict:
   log(f'[demo 1/4] EchoCLR pretraining → {ssl_dir}')
   ssl_trainer.train(pre, ssl_dir)
   export_dir = os.path.join(ssl_dir, 'encoder')
-  export.export_encoder(ssl_dir, export_dir)
+  model_init.export_encoder(ssl_dir, export_dir, log=log)
 
   rows, runs = [], {}
   for i, init in enumerate(cfg.inits):
@@ -36,13 +40,13 @@ def run(cfg, workdir: str) -> dict:
     result = finetune_trainer.train(ft, ft_dir)
     runs[init] = ft_dir
     summary = result['reports'][data.test_split]
-    rows.append({'init': init, 'frac': cfg.frac, **evaluate.auroc_row(summary)})
+    rows.append({'init': init, 'frac': cfg.frac, **reports.auroc_row(summary)})
 
   log('[demo 4/4] Grad-CAM saliency of the SSL-initialised model')
   sal_dir = os.path.join(workdir, 'saliency')
-  sal = saliency.saliency_for_split(runs[cfg.inits[0]], split=cfg.saliency_split, out_dir=sal_dir,
+  sal = evaluate_job.saliency_for_split(runs[cfg.inits[0]], split=cfg.saliency_split, out_dir=sal_dir,
                                     max_videos=1)
-  table = evaluate.format_auroc_table(rows)
+  table = reports.format_auroc_table(rows)
   with open(os.path.join(workdir, 'demo_results.md'), 'w') as f:
     f.write(table + '\n')
   with open(os.path.join(workdir, 'demo_results.json'), 'w') as f:

@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
-from echojax import losses
+from echojax.core import gradcache, losses
 
-TASKS = ('binary', 'multiclass')
+TASKS = ('binary', 'multiclass', 'regression')
 Metrics = dict[str, jax.Array]
 # Keys every SSL / fine-tune train step returns (besides 'finite', and 'learning_rate' when asked for).
 SSL_METRIC_NAMES = ('loss', 'nt_xent', 'contrastive_acc', 'grad_norm')
@@ -57,7 +57,7 @@ def _float_input(x: jax.Array, name: str, compute_dtype) -> jax.Array:
 
 
 def _to_float32(tree):
-  return jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), tree)
+  return jax.tree_util.tree_map(losses.float32_or_wider, tree)
 
 
 def _guarded_update(state: TrainState, tx: optax.GradientTransformation, grads, new_batch_stats, loss,
@@ -74,44 +74,84 @@ def _guarded_update(state: TrainState, tx: optax.GradientTransformation, grads, 
   return new_state, metrics
 
 
-def _train_step_from_loss(loss_fn, tx: optax.GradientTransformation, learning_rate_fn: Callable | None):
-  """fn(state, batch, rng) -> (state, metrics): one guarded optimiser step on `loss_fn`'s gradients."""
+def _train_step_from_loss(loss_fn, tx: optax.GradientTransformation, learning_rate_fn: Callable | None,
+                          value_and_grad: Callable | None = None):
+  """fn(state, batch, rng) -> (state, metrics): one guarded optimiser step on `loss_fn`'s gradients.
+
+  value_and_grad(params, batch_stats, batch, rng) -> ((loss, (metrics, new_batch_stats)), grads) replaces
+  `jax.value_and_grad(loss_fn, has_aux=True)` (the chunked steps of gradcache.py)."""
+  value_and_grad = value_and_grad or jax.value_and_grad(loss_fn, has_aux=True)
+
   def train_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array):
     dropout_rng = jax.random.fold_in(rng, state.step)
-    (loss, (metrics, new_batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    (loss, (metrics, new_batch_stats)), grads = value_and_grad(
         state.params, state.batch_stats, batch, dropout_rng)
     return _guarded_update(state, tx, grads, new_batch_stats, loss, metrics, learning_rate_fn)
   return train_step
 
 
+def _check_bn_groups(model: nn.Module, rows_per_chunk: int, option: str) -> None:
+  """A chunked step equals the unchunked one only if no BatchNorm group spans two chunks."""
+  group = getattr(model, 'bn_group_size', None)
+  if group is None:  # a model without the knob (tests' stand-ins): the caller vouches for its BN
+    return
+  if not group or rows_per_chunk % group:
+    raise ValueError(f'{option}: BatchNorm statistics cannot span chunks; set model.bn_group_size to a '
+                     f'divisor of the per-device chunk ({rows_per_chunk}), e.g. {rows_per_chunk} '
+                     f'(got bn_group_size={group}; 0 = whole batch)')
+
+
+def _ssl_apply(model: nn.Module, compute_dtype):
+  """apply(params, batch_stats, views, rng) -> (float32 outputs, new batch_stats), in train mode."""
+  def apply(params, batch_stats, views, dropout_rng):
+    views = _float_input(views, 'views', compute_dtype)
+    outputs, mutated = model.apply({'params': params, 'batch_stats': batch_stats}, views, train=True,
+                                   mutable=['batch_stats'], rngs={'dropout': dropout_rng})
+    return _to_float32(outputs), mutated['batch_stats']
+  return apply
+
+
 def make_ssl_loss_fn(model: nn.Module, temperature: float, order_weight: float = 1.0,
                      compute_dtype=jnp.float32):
   """loss_fn(params, batch_stats, batch, dropout_rng) -> (loss, (metrics, new_batch_stats)), in train mode."""
+  apply = _ssl_apply(model, compute_dtype)
+
   def loss_fn(params, batch_stats, batch, dropout_rng):
-    views = _float_input(batch['views'], 'views', compute_dtype)
-    outputs, mutated = model.apply({'params': params, 'batch_stats': batch_stats}, views, train=True,
-                                   mutable=['batch_stats'], rngs={'dropout': dropout_rng})
-    loss, metrics = losses.ssl_loss(_to_float32(outputs), batch, temperature, order_weight)
-    return loss, (metrics, mutated['batch_stats'])
+    outputs, new_batch_stats = apply(params, batch_stats, batch['views'], dropout_rng)
+    loss, metrics = losses.ssl_loss(outputs, batch, temperature, order_weight)
+    return loss, (metrics, new_batch_stats)
   return loss_fn
 
 
 def make_ssl_train_step(model: nn.Module, tx: optax.GradientTransformation, temperature: float,
                         order_weight: float = 1.0, compute_dtype=jnp.float32,
-                        learning_rate_fn: Callable | None = None):
+                        learning_rate_fn: Callable | None = None, microbatch_size: int = 0,
+                        num_shards: int = 1):
   """fn(state, batch, rng) -> (state, metrics); batch: views (B,2,T,H,W,C) float, optional order_label (B,2).
 
   Inputs are cast to compute_dtype (the model's own `dtype` sets its compute precision); params, the loss
   and the optimizer stay float32. `tx` must be the transformation the state's opt_state was made by.
+  microbatch_size > 0: gradient-cached NT-Xent (gradcache.ssl_value_and_grad) over chunks of that many
+  pairs per device (num_shards = devices the batch is split over), exactly the full-batch gradient; the
+  model's ghost-BN group (bn_group_size, pairs) must divide microbatch_size.
   """
   loss_fn = make_ssl_loss_fn(model, temperature, order_weight, compute_dtype)
+  if not microbatch_size:
+    return _train_step_from_loss(loss_fn, tx, learning_rate_fn)
+  _check_bn_groups(model, microbatch_size, f'train.microbatch_size={microbatch_size}')
+  apply = _ssl_apply(model, compute_dtype)
 
-  return _train_step_from_loss(loss_fn, tx, learning_rate_fn)
+  def value_and_grad(params, batch_stats, batch, rng):
+    return gradcache.ssl_value_and_grad(apply, params, batch_stats, batch, rng, temperature=temperature,
+                                        order_weight=order_weight, microbatch_size=microbatch_size,
+                                        num_shards=num_shards)
+  return _train_step_from_loss(loss_fn, tx, learning_rate_fn, value_and_grad)
 
 
-def _valid_rows(batch: Mapping[str, jax.Array], labels: jax.Array) -> jax.Array:
-  """Rows that count: label >= 0 (−1 = unknown in the record schema) and batch['mask'] when given."""
-  valid = labels >= 0
+def _valid_rows(batch: Mapping[str, jax.Array], labels: jax.Array, task: str = 'binary') -> jax.Array:
+  """Rows that count: label >= 0 (−1 = unknown in the record schema; regression: a finite target, NaN =
+  unknown, since standardised targets are negative too) and batch['mask'] when given."""
+  valid = jnp.isfinite(labels) if task == 'regression' else labels >= 0
   if 'mask' in batch:
     valid = valid & (batch['mask'].reshape(labels.shape) > 0)
   return valid.astype(jnp.float32)
@@ -119,8 +159,13 @@ def _valid_rows(batch: Mapping[str, jax.Array], labels: jax.Array) -> jax.Array:
 
 def _supervised_loss(logits: jax.Array, labels: jax.Array, valid: jax.Array, task: str, pos_weight: float,
                      label_smoothing: float):
-  """(loss, accuracy) of logits (R, num_outputs) against labels (R,) over valid rows."""
+  """(loss, accuracy) of logits (R, num_outputs) against labels (R,) over valid rows; regression:
+  (mean squared error, mean absolute error) of the single output."""
   logits = logits.astype(jnp.float32)
+  if task == 'regression':
+    error = jnp.where(valid > 0, logits[..., 0] - labels, 0.0)   # NaN targets must not reach the sum
+    count = jnp.maximum(jnp.sum(valid), 1.0)
+    return jnp.sum(error ** 2) / count, jnp.sum(jnp.abs(error)) / count
   if task == 'binary':
     if logits.shape[-1] != 1:
       raise ValueError(f'task=binary needs a model with 1 output, got logits {logits.shape}')
@@ -132,6 +177,10 @@ def _supervised_loss(logits: jax.Array, labels: jax.Array, valid: jax.Array, tas
     correct = jnp.argmax(logits, axis=-1) == labels
   accuracy = jnp.sum(correct * valid) / jnp.maximum(jnp.sum(valid), 1.0)
   return loss, accuracy
+
+
+def _second_metric(task: str) -> str:
+  return 'mae' if task == 'regression' else 'accuracy'
 
 
 def _check_task(task: str) -> None:
@@ -149,24 +198,35 @@ def make_finetune_loss_fn(model: nn.Module, pos_weight: float = 1.0, label_smoot
     logits, mutated = model.apply({'params': params, 'batch_stats': batch_stats}, video, train=True,
                                   mutable=['batch_stats'], rngs={'dropout': dropout_rng})
     labels = batch['label']
-    valid = _valid_rows(batch, labels)
+    valid = _valid_rows(batch, labels, task)
     loss, accuracy = _supervised_loss(logits, labels, valid, task, pos_weight, label_smoothing)
-    metrics = {'loss': loss, 'accuracy': accuracy, 'num_valid': jnp.sum(valid)}
+    metrics = {'loss': loss, _second_metric(task): accuracy, 'num_valid': jnp.sum(valid)}
     return loss, (metrics, mutated['batch_stats'])
   return loss_fn
 
 
 def make_finetune_train_step(model: nn.Module, tx: optax.GradientTransformation, pos_weight: float = 1.0,
                              label_smoothing: float = 0.0, task: str = 'binary', compute_dtype=jnp.float32,
-                             learning_rate_fn: Callable | None = None):
+                             learning_rate_fn: Callable | None = None, accumulate_steps: int = 1,
+                             num_shards: int = 1):
   """fn(state, batch, rng) -> (state, metrics); batch: video (B,T,H,W,C) float, label (B,), optional mask.
 
   binary: BCE with pos_weight on the single logit (labels 0/1); multiclass: softmax CE (integer labels).
   Rows with label < 0 or mask == 0 are left out of the loss; metrics['num_valid'] counts the rest.
+  accumulate_steps k > 1: the global batch is processed as k chunks per device, one at a time, and their
+  valid-row-weighted gradients summed before the one optimiser update (gradcache.accumulated_value_and_grad:
+  the large-batch gradient on the memory of B/k); the model's bn_group_size must divide each chunk.
   """
   loss_fn = make_finetune_loss_fn(model, pos_weight, label_smoothing, task, compute_dtype)
+  if accumulate_steps == 1:
+    return _train_step_from_loss(loss_fn, tx, learning_rate_fn)
 
-  return _train_step_from_loss(loss_fn, tx, learning_rate_fn)
+  def value_and_grad(params, batch_stats, batch, rng):
+    rows = batch['video'].shape[0] // (num_shards * accumulate_steps)
+    _check_bn_groups(model, rows, f'train.accumulate_steps={accumulate_steps}')
+    return gradcache.accumulated_value_and_grad(loss_fn, params, batch_stats, batch, rng,
+                                                accumulate_steps=accumulate_steps, num_shards=num_shards)
+  return _train_step_from_loss(loss_fn, tx, learning_rate_fn, value_and_grad)
 
 
 def make_eval_step(model: nn.Module, pos_weight: float = 1.0, task: str = 'binary',
@@ -191,14 +251,14 @@ def make_eval_step(model: nn.Module, pos_weight: float = 1.0, task: str = 'binar
     logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
                             video.reshape((b * n,) + video.shape[2:]), train=False)
     logits = logits.astype(jnp.float32).reshape((b, n) + logits.shape[1:])
-    outputs = {'logits': logits[..., 0] if task == 'binary' else logits}
+    outputs = {'logits': logits[..., 0] if task in ('binary', 'regression') else logits}
     if single_clip:
       outputs['logits'] = outputs['logits'][:, 0]
     if 'label' in batch:
       labels = batch['label']
-      valid = _valid_rows(batch, labels)
+      valid = _valid_rows(batch, labels, task)
       loss, accuracy = _supervised_loss(logits.reshape((b * n,) + logits.shape[2:]),
                                         jnp.repeat(labels, n), jnp.repeat(valid, n), task, pos_weight, 0.0)
-      outputs.update(loss=loss, accuracy=accuracy, num_valid=jnp.sum(valid))
+      outputs.update({'loss': loss, _second_metric(task): accuracy, 'num_valid': jnp.sum(valid)})
     return outputs
   return eval_step

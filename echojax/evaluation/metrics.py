@@ -1,28 +1,30 @@
-"""Clip → video → study aggregation of model outputs, point metrics and decision thresholds.
+"""Clip → video → study aggregation of model outputs, binary point metrics, decision thresholds, and the same
+binary metrics vectorised over bootstrap resamples (weighted counts, rank-based AUROC/AP).
 
-Every metric is scikit-learn's own. Undefined values (a split with one class, no predicted positives) are NaN
-with a reason string rather than an exception or a silent 0. Study-level bootstrap CIs live in `evaluate`.
+Every point metric is scikit-learn's own. Undefined values (a split with one class, no predicted positives) are
+NaN with a reason string rather than an exception or a silent 0. Study-level bootstrap CIs live in `bootstrap`.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import warnings
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 from scipy import special
 from sklearn import metrics as skm
 
 THRESHOLD_FREE_METRICS = ('auroc', 'average_precision')
-THRESHOLD_METRICS = ('accuracy', 'balanced_accuracy', 'mcc', 'precision', 'sensitivity', 'specificity',
-                     'f1')
+THRESHOLD_METRICS = ('accuracy', 'balanced_accuracy', 'mcc', 'precision', 'npv', 'sensitivity',
+                     'specificity', 'f1')
 THRESHOLD_METHODS = ('max_f1', 'sensitivity', 'youden')
 
 
 @dataclasses.dataclass(frozen=True)
 class VideoTable:
-  """One row per video; `probs` is the mean of its unmasked clips' sigmoids ((n,), or (n, K) softmaxes)."""
+  """One row per video; `probs` is the mean of its unmasked clips' sigmoids ((n,), or (n, K) softmaxes, or
+  regression values with float labels)."""
   video_ids: np.ndarray
   study_ids: np.ndarray
   labels: np.ndarray
@@ -73,9 +75,9 @@ def _check_constant_within(group, first, values, group_ids, what: str, value_nam
 def _clip_probabilities(scores: np.ndarray, outputs: str) -> np.ndarray:
   if outputs == 'logits':
     return special.expit(scores) if scores.ndim == 2 else special.softmax(scores, axis=-1)
-  if outputs == 'probs':
+  if outputs in ('probs', 'values'):
     return scores
-  raise ValueError(f"outputs must be 'logits' or 'probs', got {outputs!r}")
+  raise ValueError(f"outputs must be 'logits', 'probs' or 'values', got {outputs!r}")
 
 
 def aggregate_predictions(clip_outputs, video_ids: Sequence, study_ids: Sequence, labels: Sequence,
@@ -88,7 +90,7 @@ def aggregate_predictions(clip_outputs, video_ids: Sequence, study_ids: Sequence
       are pooled, so flat per-clip rows work too.
     video_ids, study_ids, labels: one per row (labels 0/1, or 0..K-1 when multi-class).
     clip_mask: optional (V, N) bool; False clips are excluded from the mean (e.g. batch padding).
-    outputs: 'logits' or 'probs'.
+    outputs: 'logits', 'probs', or 'values' (regression: (V, N) predictions, float labels, plain means).
   Returns:
     (VideoTable, StudyTable), rows in order of first appearance.
   Raises:
@@ -113,20 +115,29 @@ def aggregate_predictions(clip_outputs, video_ids: Sequence, study_ids: Sequence
     raise ValueError(f'clip_mask shape {mask.shape} != clip_outputs shape {scores.shape[:2]}')
 
   probs = _clip_probabilities(scores, outputs)
+  regression = outputs == 'values'
+  if regression and probs.ndim != 2:
+    raise ValueError(f'regression outputs must be (V, N) values, got shape {probs.shape}')
   num_classes = 2 if probs.ndim == 2 else probs.shape[-1]
-  clip_valid = np.isfinite(probs) & (probs >= 0) & (probs <= 1)
+  clip_valid = np.isfinite(probs) & (regression | ((probs >= 0) & (probs <= 1)))
   if probs.ndim == 3:
     clip_valid = clip_valid.all(-1) & (np.abs(probs.sum(-1) - 1) < 1e-4)
   bad_rows = np.flatnonzero((mask & ~clip_valid).any(1))
   if bad_rows.size:
     raise ValueError(f'clip_outputs: non-finite or invalid {outputs} for video(s) '
                      f'{sorted(set(row_videos[bad_rows].tolist()))[:5]}')
-  label_ok = np.isin(row_labels, np.arange(num_classes))
+  if regression:
+    row_labels = row_labels.astype(np.float64)
+    label_ok = np.isfinite(row_labels)
+  else:
+    label_ok = np.isin(row_labels, np.arange(num_classes))
   if not label_ok.all():
     row = np.flatnonzero(~label_ok)[0]
     raise ValueError(f'labels: video {str(row_videos[row])!r} has label {row_labels[row]}; expected '
-                     f'0..{num_classes - 1} (drop unknown labels such as -1 before evaluating)')
-  row_labels = row_labels.astype(np.int64)
+                     + ('a finite target' if regression else f'0..{num_classes - 1}')
+                     + ' (drop unknown labels such as -1 before evaluating)')
+  if not regression:
+    row_labels = row_labels.astype(np.int64)
 
   vids, video_of_row, first_row = _first_appearance_groups(row_videos)
   _check_constant_within(video_of_row, first_row, row_studies, vids, 'video', 'study ids')
@@ -195,11 +206,16 @@ def binary_metrics(labels, probs, threshold: float = 0.5, *, sample_weight=None,
     values['balanced_accuracy'] = skm.balanced_accuracy_score(labels, preds, sample_weight=sample_weight)
   values['mcc'] = skm.matthews_corrcoef(labels, preds, sample_weight=sample_weight)
   values['precision'] = skm.precision_score(labels, preds, sample_weight=sample_weight, zero_division=nan)
+  # NPV is the precision of the negative class.
+  values['npv'] = skm.precision_score(labels, preds, pos_label=0, sample_weight=sample_weight,
+                                      zero_division=nan)
   values['sensitivity'] = skm.recall_score(labels, preds, sample_weight=sample_weight, zero_division=nan)
   values['specificity'] = tn / (tn + fp) if tn + fp > 0 else nan
   values['f1'] = skm.f1_score(labels, preds, sample_weight=sample_weight, zero_division=nan)
   if tp + fp == 0:
     reasons['precision'] = f'no predicted positives at threshold {threshold:g}'
+  if tn + fn == 0:
+    reasons['npv'] = f'no predicted negatives at threshold {threshold:g}'
   if tp + fn == 0:
     reasons['sensitivity'] = 'no positives in this split'
   if tn + fp == 0:
@@ -232,3 +248,90 @@ def choose_threshold(labels, probs, method: str = 'max_f1', target_sensitivity: 
   if method == 'youden':
     return float(thresholds[1 + int(np.argmax((tpr - fpr)[1:]))])  # index 0 is the +inf threshold
   raise ValueError(f'method must be one of {THRESHOLD_METHODS}, got {method!r}')
+
+
+# ------------------------------------------------------------ the same metrics over bootstrap resamples
+@dataclasses.dataclass(frozen=True)
+class _SortedRows:
+  """One level's rows sorted by probability, with the study (resampling unit) each row belongs to."""
+  units: np.ndarray
+  positive: np.ndarray
+  probs: np.ndarray
+  tie_starts: np.ndarray
+
+
+def _sorted_rows(labels, probs, units) -> _SortedRows:
+  order = np.argsort(probs, kind='stable')
+  probs = np.asarray(probs, dtype=np.float64)[order]
+  tie_starts = np.flatnonzero(np.r_[True, probs[1:] != probs[:-1]])
+  return _SortedRows(units=np.asarray(units)[order], positive=np.asarray(labels)[order] == 1, probs=probs,
+                     tie_starts=tie_starts)
+
+
+def resample_weights(study_indices: np.ndarray, n_studies: int) -> np.ndarray:
+  """(B, n) resampled study indices → (B, n_studies) float counts of each study in each resample."""
+  study_indices = np.atleast_2d(study_indices)
+  n_resamples = study_indices.shape[0]
+  flat = (study_indices + n_studies * np.arange(n_resamples)[:, None]).ravel()
+  return np.bincount(flat, minlength=n_resamples * n_studies).reshape(n_resamples, n_studies).astype(float)
+
+
+def _metric_key(metric: str, threshold_name: str) -> str:
+  return metric if metric in THRESHOLD_FREE_METRICS else f'{metric}@{threshold_name}'
+
+
+def _metrics_of_resamples(rows: _SortedRows, study_weights: np.ndarray,
+                          thresholds: Mapping[str, float]) -> dict[str, np.ndarray]:
+  weights = study_weights[:, rows.units]  # (B, rows): a row counts as often as its study was drawn
+  pos_w = weights * rows.positive
+  neg_w = weights - pos_w
+  n_pos, n_neg = pos_w.sum(1), neg_w.sum(1)
+  pos_tied = np.add.reduceat(pos_w, rows.tie_starts, axis=1)
+  neg_tied = np.add.reduceat(neg_w, rows.tie_starts, axis=1)
+  out = {}
+  with np.errstate(divide='ignore', invalid='ignore'):
+    # Mann–Whitney: each positive beats the negatives below it and ties half of those level with it.
+    neg_below = np.cumsum(neg_tied, axis=1) - neg_tied
+    out['auroc'] = (pos_tied * (neg_below + 0.5 * neg_tied)).sum(1) / (n_pos * n_neg)
+    # AP = Σ_k (R_k − R_{k−1}) P_k over distinct thresholds, highest first (sklearn's definition).
+    pos_desc, neg_desc = pos_tied[:, ::-1], neg_tied[:, ::-1]
+    tp_at, fp_at = np.cumsum(pos_desc, axis=1), np.cumsum(neg_desc, axis=1)
+    precision_at = np.nan_to_num(tp_at / (tp_at + fp_at))  # 0/0 only where the recall step is 0 too
+    out['average_precision'] = (pos_desc * precision_at).sum(1) / n_pos
+    for name, threshold in thresholds.items():
+      predicted = rows.probs >= threshold
+      tp, fp = pos_w @ predicted, neg_w @ predicted
+      fn, tn = n_pos - tp, n_neg - fp
+      total = n_pos + n_neg
+      sensitivity, specificity = tp / n_pos, tn / n_neg
+      mcc_denominator = (tp + fp) * n_pos * n_neg * (tn + fn)
+      mcc = (tp * tn - fp * fn) / np.sqrt(mcc_denominator)
+      values = {
+          'accuracy': (tp + tn) / total,
+          # sklearn averages the recalls of the classes present, so one-class resamples get that recall.
+          'balanced_accuracy': np.where(np.isnan(sensitivity), specificity,
+                                        np.where(np.isnan(specificity), sensitivity,
+                                                 (sensitivity + specificity) / 2)),
+          'mcc': np.where(mcc_denominator == 0, 0.0, mcc),  # sklearn's convention for an empty margin
+          'precision': tp / (tp + fp),
+          'npv': tn / (tn + fn),
+          'sensitivity': sensitivity,
+          'specificity': specificity,
+          'f1': 2 * tp / (2 * tp + fp + fn),
+      }
+      out.update({_metric_key(metric, name): value for metric, value in values.items()})
+  return out
+
+
+def bootstrap_metric_values(labels, probs, study_weights, thresholds: Mapping[str, float],
+                            units=None) -> dict[str, np.ndarray]:
+  """Every metric for many resamples at once, NaN where undefined.
+
+  Args:
+    labels, probs: per row (study or video).
+    study_weights: (B, n_studies) times each study is drawn (`resample_weights`).
+    thresholds: name → threshold; thresholded metrics come back as f'{metric}@{name}'.
+    units: study index of each row; None when rows are studies.
+  """
+  units = np.arange(len(labels)) if units is None else units
+  return _metrics_of_resamples(_sorted_rows(labels, probs, units), np.atleast_2d(study_weights), thresholds)

@@ -1,7 +1,8 @@
-"""Evaluation reports on disk: prediction CSVs, summary JSON/Markdown, ROC/PR/confusion-matrix PNGs.
+"""Evaluation reports on disk: prediction CSVs, summary JSON/Markdown and the figures of `plots` for each
+task kind (binary: ROC with operating points, PR, confusion matrix, reliability diagram, decision curve;
+multiclass: confusion matrix; regression: scatter and Bland–Altman).
 
-Also `format_auroc_table`, the Markdown table of study-level AUROC [CI] over many runs. Figures are drawn on
-`matplotlib.figure.Figure` objects (Agg canvas, no pyplot state), so reports work headless and in threads.
+Also `format_auroc_table`, the Markdown table of study-level AUROC [CI] over many runs.
 """
 from __future__ import annotations
 
@@ -12,22 +13,27 @@ import os
 from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
-from matplotlib.figure import Figure
-from sklearn import metrics as skm
 
-from echojax.metrics import StudyTable, VideoTable, aggregate_videos
+from echojax.evaluation import plots
+from echojax.evaluation.metrics import StudyTable, VideoTable, aggregate_videos
 
 METRIC_TITLES = {
     'auroc': 'AUROC', 'average_precision': 'Average precision', 'accuracy': 'Accuracy',
     'balanced_accuracy': 'Balanced accuracy', 'mcc': 'MCC', 'precision': 'Precision (PPV)',
-    'sensitivity': 'Sensitivity (recall)', 'specificity': 'Specificity', 'f1': 'F1',
+    'npv': 'NPV', 'sensitivity': 'Sensitivity (recall)', 'specificity': 'Specificity', 'f1': 'F1',
+    'brier': 'Brier score', 'ece': 'ECE (10 bins)', 'calibration_intercept': 'Calibration intercept',
+    'calibration_slope': 'Calibration slope', 'macro_auroc': 'AUROC (macro, one-vs-rest)',
+    'quadratic_kappa': 'Quadratic-weighted kappa', 'mae': 'MAE', 'rmse': 'RMSE', 'r2': 'R²',
+    'bias': 'Bias (pred − true)', 'loa_low': 'Lower limit of agreement', 'loa_high': 'Upper limit of agreement',
 }
 
 
-def _prob_columns(probs: np.ndarray) -> tuple[list[str], np.ndarray]:
+def _prob_columns(probs: np.ndarray, class_names: Optional[Sequence[str]] = None,
+                  task: str = 'binary') -> tuple[list[str], np.ndarray]:
   if probs.ndim == 1:
-    return ['prob'], probs[:, None]
-  return [f'prob_{k}' for k in range(probs.shape[1])], probs
+    return ['pred' if task == 'regression' else 'prob'], probs[:, None]
+  names = class_names if class_names and len(class_names) == probs.shape[1] else range(probs.shape[1])
+  return [f'prob_{k}' for k in names], probs
 
 
 def _write_csv(path: str, header: Sequence[str], rows) -> None:
@@ -37,110 +43,96 @@ def _write_csv(path: str, header: Sequence[str], rows) -> None:
     writer.writerows(rows)
 
 
-def _ci_text(entry: Optional[Mapping], digits: int = 3) -> str:
-  if not entry or entry.get('value') is None:
-    return 'n/a' + (f" ({entry['reason']})" if entry and entry.get('reason') else '')
-  text = f"{entry['value']:.{digits}f}"
-  if entry.get('ci'):
-    lo, hi = entry['ci']
-    text += f' [{lo:.{digits}f}, {hi:.{digits}f}]'
-  return text
+_ci_text = plots.ci_text
 
 
 def _metric_title(name: str) -> str:
   metric, _, at = name.partition('@')
+  if metric.startswith('auroc_'):
+    return f'AUROC, {metric[len("auroc_"):]} vs rest'
   return METRIC_TITLES.get(metric, metric) + (f' @ {at}' if at else '')
+
+
+def _label(value, task: str) -> str:
+  return repr(float(value)) if task == 'regression' else str(int(value))
 
 
 def _summary_markdown(summary: Mapping, title: str) -> str:
   pct = round(summary['ci_level'] * 100)
   boot = summary['bootstrap']
   lo_pct, hi_pct = boot['percentiles']
-  chosen = summary['thresholds']['chosen']
   lines = [f'# {title}', '',
-           f"{pct}% CIs: {boot['n_resamples']} bootstrap resamples of studies (seed {boot['seed']}), "
-           f"{lo_pct:g}th–{hi_pct:g}th percentiles; {boot['n_degenerate']} one-class resamples skipped.",
-           f"Thresholds: fixed {summary['thresholds']['fixed']:g}"
-           + ''.join(f'; chosen ({level}) {t:.4f}' for level, t in chosen.items() if t is not None)
-           + (f" by {summary['thresholds']['chosen_method']}" if summary['thresholds']['chosen_method']
-              else '') + '.']
+           f"{pct}% CIs: {boot['n_resamples']} {boot.get('resampling', 'simple')} bootstrap resamples of "
+           f"studies (seed {boot['seed']}), {lo_pct:g}th–{hi_pct:g}th percentiles; {boot['n_degenerate']} "
+           'one-class resamples skipped.']
+  if 'thresholds' in summary:
+    chosen = summary['thresholds']['chosen']
+    lines.append(f"Thresholds: fixed {summary['thresholds']['fixed']:g}"
+                 + ''.join(f'; chosen ({level}) {t:.4f}' for level, t in chosen.items() if t is not None)
+                 + (f" by {summary['thresholds']['chosen_method']}" if summary['thresholds']['chosen_method']
+                    else '') + '.')
+  if summary.get('calibration'):
+    lines.append(f"Probabilities recalibrated: {summary['calibration']}.")
   for level in ('study', 'video'):
     part = summary[level]
     unit = 'studies' if level == 'study' else 'videos'
-    lines += ['', f"## {level.capitalize()} level (n = {part['n']} {unit}, {part['n_pos']} positive)", '',
-              f'| Metric | Value | {pct}% CI | n | n_pos | Note |', '|---|---|---|---|---|---|']
+    positives = f", {part['n_pos']} positive" if 'n_pos' in part else ''
+    lines += ['', f"## {level.capitalize()} level (n = {part['n']} {unit}{positives})", '',
+              f'| Metric | Value | {pct}% CI | n | Note |', '|---|---|---|---|---|']
     for name, entry in part['metrics'].items():
       value = 'n/a' if entry['value'] is None else f"{entry['value']:.3f}"
       ci = '' if entry['ci'] is None else f"{entry['ci'][0]:.3f}–{entry['ci'][1]:.3f}"
-      lines.append(f"| {_metric_title(name)} | {value} | {ci} | {entry['n']} | {entry['n_pos']} | "
-                   f"{entry.get('reason', '')} |")
+      note = '; '.join(x for x in (entry.get('reason'), entry.get('note')) if x)
+      lines.append(f"| {_metric_title(name)} | {value} | {ci} | {entry['n']} | {note} |")
   return '\n'.join(lines) + '\n'
 
 
-def _save(fig: Figure, path: str) -> str:
-  fig.tight_layout()
-  fig.savefig(path, format='png')
-  return path
-
-
-def _curve_figure(kind: str, study: StudyTable, entry: Mapping, title: str, pct: int, path: str) -> str:
-  fig = Figure(figsize=(5, 5), dpi=110)
-  ax = fig.subplots()
-  both_classes = len(np.unique(study.labels)) == 2
-  label = f"{'AUROC' if kind == 'roc' else 'AP'} {_ci_text(entry)}".replace('[', f'[{pct}% CI ')
-  if kind == 'roc':
-    ax.plot([0, 1], [0, 1], ls='--', color='grey', lw=1, label='chance')
-    if both_classes:
-      fpr, tpr, _ = skm.roc_curve(study.labels, study.probs)
-      ax.plot(fpr, tpr, lw=2, label=label)
-    ax.set(xlabel='1 − specificity (FPR)', ylabel='Sensitivity (TPR)')
-  else:
-    if both_classes:
-      precision, recall, _ = skm.precision_recall_curve(study.labels, study.probs)
-      ax.step(recall, precision, where='post', lw=2, label=label)
-    prevalence = float(np.mean(study.labels == 1))
-    ax.axhline(prevalence, ls='--', color='grey', lw=1, label=f'prevalence {prevalence:.3f}')
-    ax.set(xlabel='Recall (sensitivity)', ylabel='Precision (PPV)')
-  if not both_classes:
-    ax.text(0.5, 0.5, 'undefined: only one class', ha='center', va='center', transform=ax.transAxes)
-  ax.set(xlim=(0, 1), ylim=(0, 1.02), title=f"{title}\nstudy level, {'ROC' if kind == 'roc' else 'PR'}")
-  ax.legend(loc='lower right' if kind == 'roc' else 'lower left', fontsize=8)
-  return _save(fig, path)
-
-
-def _confusion_figure(study: StudyTable, threshold: float, class_names: Sequence[str], title: str,
-                      path: str) -> str:
-  fig = Figure(figsize=(4.5, 4), dpi=110)
-  ax = fig.subplots()
-  skm.ConfusionMatrixDisplay.from_predictions(study.labels, (study.probs >= threshold).astype(int),
-                                              labels=[0, 1], display_labels=list(class_names), ax=ax,
-                                              colorbar=False)
-  ax.set_title(f'{title}\nstudy level, threshold {threshold:.3f}')
-  return _save(fig, path)
+def _binary_figures(out_dir, study, summary, title, class_names, pct) -> dict[str, str]:
+  metrics = summary['study']['metrics']
+  chosen = summary['thresholds']['chosen'].get('study')
+  threshold = summary['thresholds']['fixed'] if chosen is None else chosen
+  points = {'0.5': summary['thresholds']['fixed'], **({'chosen': chosen} if chosen is not None else {})}
+  path = lambda name: os.path.join(out_dir, name)
+  return {
+      'roc_curve.png': plots.roc_figure(study.labels, study.probs, metrics.get('auroc'), title, pct,
+                                        path('roc_curve.png'), points),
+      'pr_curve.png': plots.pr_figure(study.labels, study.probs, metrics.get('average_precision'), title, pct,
+                                      path('pr_curve.png')),
+      'confusion_matrix.png': plots.confusion_figure(
+          study.labels, (study.probs >= threshold).astype(int), class_names, title,
+          f'study level, threshold {threshold:.3f}', path('confusion_matrix.png')),
+      'reliability.png': plots.reliability_figure(study.labels, study.probs, metrics, title,
+                                                  path('reliability.png')),
+      'decision_curve.png': plots.decision_curve_figure(study.labels, study.probs, title,
+                                                        path('decision_curve.png'), chosen),
+  }
 
 
 def write_report(out_dir: str, predictions: Union[VideoTable, tuple[VideoTable, StudyTable]],
                  summary: Mapping, title: str = 'Evaluation', *,
-                 class_names: Sequence[str] = ('negative', 'positive')) -> dict[str, str]:
+                 class_names: Sequence[str] = ('negative', 'positive'), unit: str = '') -> dict[str, str]:
   """Writes a split's evaluation to out_dir and returns {artifact: path}.
 
   predictions: the (VideoTable, StudyTable) of `aggregate_predictions` (or a VideoTable alone);
-  summary: `evaluate_split`'s dict. The confusion matrix uses the chosen study threshold, else 0.5.
+  summary: `evaluate_split` / `evaluate_multiclass` / `evaluate_regression`'s dict (its 'task' picks the
+  figures). Binary: ROC (with operating points), PR, confusion matrix at the chosen study threshold (else
+  0.5), reliability diagram, decision curve; multiclass: confusion matrix; regression: scatter, Bland–Altman.
   """
   video, study = (predictions, None) if isinstance(predictions, VideoTable) else predictions
   study = aggregate_videos(video) if study is None else study
+  task = summary.get('task', 'binary')
   os.makedirs(out_dir, exist_ok=True)
   paths = {name: os.path.join(out_dir, name) for name in (
-      'predictions.csv', 'study_predictions.csv', 'summary.json', 'summary.md', 'roc_curve.png',
-      'pr_curve.png', 'confusion_matrix.png')}
+      'predictions.csv', 'study_predictions.csv', 'summary.json', 'summary.md')}
+  names = summary.get('class_names') if task == 'multiclass' else None
 
-  prob_header, video_probs = _prob_columns(video.probs)
+  prob_header, video_probs = _prob_columns(video.probs, names, task)
   _write_csv(paths['predictions.csv'], ['study_id', 'video_id', 'label', *prob_header, 'num_clips'],
-             ([s, v, int(l), *map(repr, map(float, p)), int(c)] for s, v, l, p, c in zip(
+             ([s, v, _label(l, task), *map(repr, map(float, p)), int(c)] for s, v, l, p, c in zip(
                  video.study_ids, video.video_ids, video.labels, video_probs, video.num_clips)))
-  prob_header, study_probs = _prob_columns(study.probs)
+  prob_header, study_probs = _prob_columns(study.probs, names, task)
   _write_csv(paths['study_predictions.csv'], ['study_id', 'label', *prob_header, 'num_videos'],
-             ([s, int(l), *map(repr, map(float, p)), int(n)] for s, l, p, n in zip(
+             ([s, _label(l, task), *map(repr, map(float, p)), int(n)] for s, l, p, n in zip(
                  study.study_ids, study.labels, study_probs, study.num_videos)))
   with open(paths['summary.json'], 'w') as f:
     json.dump({'title': title, **summary}, f, indent=2, allow_nan=False)
@@ -149,11 +141,17 @@ def write_report(out_dir: str, predictions: Union[VideoTable, tuple[VideoTable, 
 
   pct = round(summary['ci_level'] * 100)
   metrics = summary['study']['metrics']
-  _curve_figure('roc', study, metrics.get('auroc'), title, pct, paths['roc_curve.png'])
-  _curve_figure('pr', study, metrics.get('average_precision'), title, pct, paths['pr_curve.png'])
-  chosen = summary['thresholds']['chosen'].get('study')
-  _confusion_figure(study, summary['thresholds']['fixed'] if chosen is None else chosen, class_names, title,
-                    paths['confusion_matrix.png'])
+  if task == 'binary':
+    paths.update(_binary_figures(out_dir, study, summary, title, class_names, pct))
+  elif task == 'multiclass':
+    paths['confusion_matrix.png'] = plots.confusion_figure(
+        study.labels, study.probs.argmax(1), names, title, 'study level, most probable class',
+        os.path.join(out_dir, 'confusion_matrix.png'))
+  else:
+    paths['scatter.png'] = plots.scatter_figure(study.labels, study.probs, metrics, title, unit,
+                                                os.path.join(out_dir, 'scatter.png'))
+    paths['bland_altman.png'] = plots.bland_altman_figure(study.labels, study.probs, metrics, title, unit,
+                                                          os.path.join(out_dir, 'bland_altman.png'))
   return paths
 
 

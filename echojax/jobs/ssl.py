@@ -10,9 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from echojax import builders, config_lib, optim, parallel, steps
-from echojax.checkpointing import Checkpointer, Preempted
-from echojax.logging_lib import MetricLogger, NonFiniteLossError, log, metric_collection
+from echojax.core import optim, parallel, steps
+from echojax.jobs import config_lib, startup
+from echojax.models import factory
+from echojax.jobs.checkpointing import Checkpointer, Preempted
+from echojax.jobs.logging_lib import MetricLogger, NonFiniteLossError, log, metric_collection
 
 
 def examples_per_epoch(meta: list[dict], pairing: str, pairs_per_study: str) -> int:
@@ -33,12 +35,12 @@ def train(cfg, workdir: str) -> dict:
   from echojax.data import pipeline
 
   # --- mesh ---------------------------------------------------------------------------------------
-  mesh, local_batch = builders.start_run(cfg, workdir)
+  mesh, local_batch = startup.start_run(cfg, workdir)
   global_batch = cfg.train.global_batch_size
   config_lib.warn_if_paper_scale_on_cpu(cfg, jax.default_backend(), log)
 
   # --- input --------------------------------------------------------------------------------------
-  builder = builders.prepare_dataset(cfg.data, log)
+  builder = startup.prepare_dataset(cfg.data, log)
   meta = pipeline.read_video_metadata(builder, cfg.data.train_split)
   n_examples = examples_per_epoch(meta, cfg.ssl.pairing, cfg.data.pairs_per_study)
   total_steps, steps_per_epoch = config_lib.steps_from_duration(
@@ -49,13 +51,14 @@ def train(cfg, workdir: str) -> dict:
       f'{jax.process_count()} process(es)')
 
   # --- model, optimiser, sharded state -----------------------------------------------------------
-  model = builders.ssl_model(cfg)
+  num_order = math.factorial(cfg.data.clip_len) if cfg.data.frame_order else 0
+  model = factory.ssl_model(**cfg.model, num_order_classes=num_order)
   tx = optim.make_optimizer(cfg.optim, total_steps=total_steps, global_batch_size=global_batch)
   sample = jnp.zeros((2, 2, cfg.data.clip_len, cfg.data.image_size, cfg.data.image_size, 1),
                      jnp.float32)
   state = steps.create_train_state(model, tx, jax.random.key(cfg.seed, impl='rbg'), sample)  # rbg: fast init compile
   state = jax.device_put(state, parallel.replicated(mesh))
-  train_step = builders.jit_train_step(
+  train_step = startup.jit_train_step(
       steps.make_ssl_train_step(model, tx, temperature=cfg.ssl.temperature,
                                 order_weight=cfg.ssl.order_weight if cfg.data.frame_order else 0.0,
                                 compute_dtype=jnp.dtype(cfg.model.dtype),
@@ -79,7 +82,7 @@ def train(cfg, workdir: str) -> dict:
 
   # --- evals: the linear probe --------------------------------------------------------------------
   def probe(step, state):
-    from echojax import probe as probe_lib
+    from echojax.jobs import probe as probe_lib
     return probe_lib.linear_probe_auroc(cfg, builder, model, state, mesh)
 
   # --- loop ---------------------------------------------------------------------------------------
@@ -122,3 +125,6 @@ def train(cfg, workdir: str) -> dict:
     ckpt.close()
     logger.close()
   return {'step': step, 'state': state, 'last_metrics': last, 'total_steps': total_steps}
+
+
+run = train  # the job contract main.py dispatches to: run(cfg, workdir)

@@ -1,6 +1,7 @@
-"""Fine-tuning for study labels (severe AS by default), top to bottom: mesh → input (label fraction of
-training studies) → model (random | kinetics | ssl init) → sharding → step → checkpoint → validation with
-early stopping (best weights restored) → final evaluation reports for the configured splits."""
+"""Fine-tuning for study labels (severe AS by default; task.kind binary | multiclass | regression), top to
+bottom: mesh → input (label fraction of training studies) → model (random | kinetics | ssl init) → sharding
+→ step → checkpoint → validation with early stopping (best weights restored) → final evaluation reports for
+the configured splits."""
 from __future__ import annotations
 
 import json
@@ -11,9 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from echojax import builders, evaluate_job, optim, parallel, steps, subsets
-from echojax.checkpointing import Checkpointer, Preempted
-from echojax.logging_lib import MetricLogger, NonFiniteLossError, log, metric_collection
+from echojax.core import optim, parallel, steps
+from echojax.jobs import evaluate as evaluate_job
+from echojax.jobs import model_init, startup, tasks
+from echojax.jobs.checkpointing import Checkpointer, Preempted
+from echojax.jobs.logging_lib import MetricLogger, NonFiniteLossError, log, metric_collection
 
 
 def train(cfg, workdir: str) -> dict:
@@ -21,43 +24,44 @@ def train(cfg, workdir: str) -> dict:
   from echojax.data import pipeline
 
   # --- mesh ---------------------------------------------------------------------------------------
-  mesh, local_batch = builders.start_run(cfg, workdir)
+  mesh, local_batch = startup.start_run(cfg, workdir)
   global_batch = cfg.train.global_batch_size
 
   # --- input: the label fraction is drawn over training studies ---------------------------------
-  builder = builders.prepare_dataset(cfg.data, log)
+  builder = startup.prepare_dataset(cfg.data, log)
   label_key = cfg.task.label_key
+  task = tasks.task_from_config(cfg.task, builder)
+  tasks.check_early_stopping_metric(task, cfg.train.early_stopping_metric)
   meta = pipeline.read_video_metadata(builder, cfg.data.train_split)
-  labels = subsets.study_labels(meta, label_key)
-  chosen = subsets.nested_study_subset(sorted(labels), cfg.frac, cfg.subset_seed)
-  subsets.check_both_classes({s: labels[s] for s in chosen}, cfg.frac)
-  chosen_set = set(chosen)
-  n_videos = sum(1 for m in meta if m['study_id'] in chosen_set and int(m[label_key]) >= 0)
-  pos_weight = subsets.pos_weight(meta, label_key, chosen_set) if cfg.task.class_weighted else 1.0
+  subset = tasks.training_subset(task, meta, cfg.frac, cfg.subset_seed, cfg.task.class_weighted)
+  task = tasks.with_standardisation(task, subset['targets'], cfg.task.standardize_target)
+  chosen, n_videos, pos_weight = subset['chosen'], subset['n_videos'], subset['pos_weight']
+  if jax.process_index() == 0:  # evaluation, predict and a rebuilt model read the task from here
+    tasks.update_state(workdir, **tasks.state_of(task))
   steps_per_epoch = (cfg.train.steps_per_epoch if cfg.train.steps_per_epoch > 0
                      else max(n_videos // global_batch, 1))
   total_steps = (cfg.train.num_steps if cfg.train.num_steps > 0
                  else cfg.train.num_epochs * steps_per_epoch)
-  n_pos = sum(1 for s in chosen if labels[s] > 0)
-  log(f'fine-tune {label_key}: init={cfg.init}, frac={cfg.frac} → {len(chosen)}/{len(labels)} training '
-      f'studies ({n_pos} positive), {n_videos} videos, pos_weight={pos_weight:.3f}, '
+  log(f'fine-tune {task.name} ({task.kind}, {label_key}): init={cfg.init}, frac={cfg.frac} → '
+      f'{len(chosen)}/{subset["n_studies"]} training studies ({subset["describe"]}), {n_videos} videos, '
+      f'pos_weight={pos_weight:.3f}, '
       f'{steps_per_epoch} steps/epoch, ≤{total_steps} steps')
 
   # --- model, optimiser, init weights -------------------------------------------------------------
-  model, init_variables, init_spec = builders.classifier_with_init(cfg, log)
+  model, init_variables, init_spec = model_init.classifier_with_init(cfg, log, task.num_outputs)
   if init_spec is not None and jax.process_index() == 0:
-    with open(os.path.join(workdir, builders.INIT_SPEC_FILE), 'w') as f:  # model rebuild needs it
+    with open(os.path.join(workdir, model_init.INIT_SPEC_FILE), 'w') as f:  # model rebuild needs it
       json.dump(init_spec, f, indent=1)
   tx = optim.make_optimizer(cfg.optim, total_steps=total_steps, global_batch_size=global_batch)
   if cfg.task.freeze_encoder:
     tx = optim.freeze_subtree(tx, 'encoder')
   sample = jnp.zeros((2, cfg.data.finetune_clip_len, cfg.data.image_size, cfg.data.image_size, 1))
   state = steps.create_train_state(model, tx, jax.random.key(cfg.seed, impl='rbg'), sample)  # rbg: fast init compile
-  state = builders.apply_encoder_init(state, init_variables)
+  state = model_init.apply_encoder_init(state, init_variables)
   state = jax.device_put(state, parallel.replicated(mesh))
-  train_step = builders.jit_train_step(
+  train_step = startup.jit_train_step(
       steps.make_finetune_train_step(model, tx, pos_weight=pos_weight,
-                                     label_smoothing=cfg.task.label_smoothing,
+                                     label_smoothing=cfg.task.label_smoothing, task=task.kind,
                                      compute_dtype=jnp.dtype(cfg.model.dtype),
                                      learning_rate_fn=optim.make_schedule(cfg.optim, total_steps,
                                                                           global_batch)),
@@ -85,7 +89,7 @@ def train(cfg, workdir: str) -> dict:
   def validate(state) -> dict:
     pred = evaluate_job.predict_split(cfg, builder, model, state_variables(state), mesh,
                                       cfg.data.val_split)
-    return evaluate_job.validation_metrics(pred, pos_weight)
+    return evaluate_job.validation_metrics(pred, pos_weight, task)
 
   higher_is_better = cfg.train.early_stopping_metric == 'val_auroc'
   logger = MetricLogger(workdir, total_steps, clips_per_step=global_batch)
@@ -95,7 +99,8 @@ def train(cfg, workdir: str) -> dict:
   try:
     while step < total_steps:
       host = next(batches)
-      batch = parallel.host_to_global({k: host[k] for k in ('video', 'label')}, mesh)
+      batch = parallel.host_to_global({'video': host['video'], 'label': task.train_targets(host['label'])},
+                                      mesh)
       state, metrics = train_step(state, batch, jax.random.fold_in(rng, step))
       step += 1
       if not bool(metrics['finite']):
@@ -149,3 +154,6 @@ def train(cfg, workdir: str) -> dict:
 
 def state_variables(state) -> dict:
   return {'params': state.params, 'batch_stats': state.batch_stats}
+
+
+run = train  # the job contract main.py dispatches to: run(cfg, workdir)

@@ -11,7 +11,7 @@ import numpy as np
 
 def encode_videos(cfg, builder, encoder, variables, mesh, split: str, max_videos: int) -> dict:
   """Clip-averaged eval-mode features of up to `max_videos` videos of `split` (eval-mode clips)."""
-  from echojax import inference
+  from echojax.core import inference
   from echojax.data import pipeline
   n_dev = mesh.size
   batch = max(cfg.probe.batch_size // n_dev, 1) * n_dev // jax.process_count()
@@ -24,7 +24,8 @@ def encode_videos(cfg, builder, encoder, variables, mesh, split: str, max_videos
 
   apply = lambda x: features(variables, x)
 
-  ds = pipeline.make_dataset(builder, split, 'eval', batch_size=batch, cfg=cfg.data, seed=0)
+  ds = pipeline.make_dataset(builder, split, 'eval', batch_size=batch, cfg=cfg.data, seed=0,
+                             label_key=cfg.probe.label_key)
   n_batches = math.ceil(max_videos / (batch * jax.process_count()))
   ds = ds.take(n_batches)
   return inference.run_inference(apply, pipeline.as_numpy(ds), mesh, num_local_batches=n_batches)
@@ -35,8 +36,8 @@ def linear_probe_auroc(cfg, builder, model, state, mesh) -> dict:
   from sklearn.metrics import roc_auc_score
   from sklearn.pipeline import make_pipeline
   from sklearn.preprocessing import StandardScaler
-  from echojax import builders
-  enc = builders.encoder(cfg.model)
+  from echojax.models import factory
+  enc = factory.encoder(**cfg.model)
   variables = {'params': state.params['encoder'], 'batch_stats': state.batch_stats['encoder']}
   fit = encode_videos(cfg, builder, enc, variables, mesh, cfg.probe.fit_split, cfg.probe.max_videos)
   ev = encode_videos(cfg, builder, enc, variables, mesh, cfg.probe.split, cfg.probe.max_videos)

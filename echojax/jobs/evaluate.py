@@ -10,14 +10,14 @@ import types
 import jax
 import numpy as np
 
-from echojax import steps
-from echojax.logging_lib import log
-from echojax.reports import auroc_row  # noqa: F401  (re-exported for scripts)
+from echojax.core import steps
+from echojax.jobs.logging_lib import log
+from echojax.evaluation.reports import auroc_row  # noqa: F401  (re-exported for scripts)
 
 
 def predict_split(cfg, builder, model, variables, mesh, split: str) -> dict:
   """Per-clip logits (V, N) of every video of `split`, with labels and ids (all processes' rows)."""
-  from echojax import inference
+  from echojax.core import inference
   from echojax.data import pipeline
   n_dev = mesh.size
   local_batch = max(cfg.eval.batch_size // n_dev, 1) * n_dev // jax.process_count()
@@ -42,12 +42,12 @@ def labelled(pred: dict) -> dict:
 def validation_metrics(pred: dict, pos_weight: float) -> dict:
   """Per-epoch validation: class-weighted BCE over all clips and study-level AUROC (NaN if one class)."""
   from sklearn.metrics import roc_auc_score
-  from echojax import evaluate
+  from echojax.evaluation import bootstrap
   p = labelled(pred)
   x, y = p['outputs'].astype(np.float64), p['label'][:, None].astype(np.float64)
   log_sig, log_one_minus = -np.logaddexp(0, -x), -np.logaddexp(0, x)
   loss = float(np.mean(-(pos_weight * y * log_sig + (1 - y) * log_one_minus)))
-  _, studies = evaluate.aggregate_predictions(p['outputs'], p['video_id'], p['study_id'], p['label'])
+  _, studies = bootstrap.aggregate_predictions(p['outputs'], p['video_id'], p['study_id'], p['label'])
   auroc = (float(roc_auc_score(studies.labels, studies.probs)) if len(set(studies.labels.tolist())) == 2
            else float('nan'))
   return {'val_loss': loss, 'val_auroc': auroc}
@@ -56,7 +56,7 @@ def validation_metrics(pred: dict, pos_weight: float) -> dict:
 def evaluate_splits(cfg, builder, model, variables, mesh, workdir: str, splits=None,
                     out_root: str | None = None) -> dict:
   """Reports for each split; the threshold is chosen on the validation split (evaluated first)."""
-  from echojax import evaluate
+  from echojax.evaluation import bootstrap
   splits = list(splits or cfg.eval.splits)
   val = cfg.data.val_split
   if val in splits:
@@ -69,23 +69,23 @@ def evaluate_splits(cfg, builder, model, variables, mesh, workdir: str, splits=N
       log(f'split {split!r} not in {builder.name} (has {sorted(builder.info.splits)}); skipped')
       continue
     p = labelled(predict_split(cfg, builder, model, variables, mesh, split))
-    videos, studies = evaluate.aggregate_predictions(p['outputs'], p['video_id'], p['study_id'], p['label'])
+    videos, studies = bootstrap.aggregate_predictions(p['outputs'], p['video_id'], p['study_id'], p['label'])
     if split == val and threshold is None:
       try:
-        threshold = {'study': evaluate.choose_threshold(studies.labels, studies.probs,
+        threshold = {'study': bootstrap.choose_threshold(studies.labels, studies.probs,
                                                         cfg.eval.threshold_method,
                                                         cfg.eval.target_sensitivity),
-                     'video': evaluate.choose_threshold(videos.labels, videos.probs,
+                     'video': bootstrap.choose_threshold(videos.labels, videos.probs,
                                                         cfg.eval.threshold_method,
                                                         cfg.eval.target_sensitivity)}
       except ValueError as e:
         log(f'no threshold chosen on {split}: {e}')
-    summary = evaluate.evaluate_split(videos, studies, threshold=threshold,
+    summary = bootstrap.evaluate_split(videos, studies, threshold=threshold,
                                       threshold_method=cfg.eval.threshold_method if threshold else None,
                                       n_resamples=cfg.eval.bootstrap_resamples, ci_level=cfg.eval.ci_level,
                                       seed=cfg.eval.bootstrap_seed)
     if jax.process_index() == 0:
-      evaluate.write_report(os.path.join(out_root, split), (videos, studies), summary,
+      bootstrap.write_report(os.path.join(out_root, split), (videos, studies), summary,
                             title=f'{cfg.task.label_key} — {split} split')
     row = auroc_row(summary)
     auc = 'undefined' if row['auroc'] is None else f'{row["auroc"]:.3f} [{row["ci_lo"]:.3f}, {row["ci_hi"]:.3f}]'
@@ -97,12 +97,13 @@ def evaluate_splits(cfg, builder, model, variables, mesh, workdir: str, splits=N
 
 def run(cfg, workdir: str) -> dict:
   """`configs/evaluate.py`: evaluate a fine-tuning run's best (else latest) weights on cfg.splits."""
-  from echojax import builders, parallel
+  from echojax.jobs import model_init, startup
+  from echojax.core import parallel
   if not cfg.checkpoint:
     raise ValueError('set --config.checkpoint=DIR (a fine-tuning workdir)')
   if not os.path.isdir(cfg.checkpoint):
     raise FileNotFoundError(f'checkpoint directory not found: {cfg.checkpoint}')
-  run_cfg, model, variables = builders.load_finetuned(cfg.checkpoint)
+  run_cfg, model, variables = model_init.load_finetuned(cfg.checkpoint)
   run_cfg = run_cfg.unlock() if hasattr(run_cfg, 'unlock') else run_cfg
   if cfg.data_dir:
     run_cfg.data.data_dir = cfg.data_dir
@@ -110,7 +111,21 @@ def run(cfg, workdir: str) -> dict:
   run_cfg.eval.ci_level = cfg.ci_level
   run_cfg.data.auto_build = False
   mesh = parallel.make_mesh()
-  builder = builders.prepare_dataset(run_cfg.data, log)
+  builder = startup.prepare_dataset(run_cfg.data, log)
   splits = [s.strip() for s in cfg.splits.split(',') if s.strip()]
   return evaluate_splits(run_cfg, builder, model, variables, mesh, cfg.checkpoint, splits,
                          out_root=cfg.output or None)
+
+
+def saliency_for_split(checkpoint: str, split: str, out_dir: str, max_videos: int = 1) -> list[dict]:
+  """Grad-CAM of the highest-probability videos of a dataset split (the demo's image)."""
+  from echojax.data import pipeline
+  from echojax.evaluation import gradcam
+  from echojax.jobs import model_init, startup
+  cfg, model, variables = model_init.load_finetuned(checkpoint)
+  builder = startup.prepare_dataset(cfg.data, lambda *_: None)
+  ds = builder.as_dataset(split=split).take(8)
+  items = [(ex['study_id'].decode(), ex['video_id'].decode(),
+            pipeline.eval_clips_for_video(ex['video'][..., 0], cfg.data)) for ex in pipeline.as_numpy(ds)]
+  results = gradcam.saliency_for_clips(model, variables, items, out_dir, max_videos=1)
+  return sorted(results, key=lambda r: -r['prob'])[:max_videos]
