@@ -5,6 +5,8 @@ ml_collections (a typo is an error, not a silently ignored flag).
 """
 import ml_collections
 
+from echojax.data import options as data_options
+
 
 def data_config(name='synthetic_echo', builder_config='small', clip_len=4) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
@@ -14,14 +16,9 @@ def data_config(name='synthetic_echo', builder_config='small', clip_len=4) -> ml
       manual_dir='',                   # for builders over the user's own files (echo_studies, echonet_*)
       auto_build=True,                 # build the dataset first if it is absent
       train_split='train', val_split='val', test_split='test',
-      clip_len=clip_len, clip_stride=1,
-      finetune_clip_len=16, eval_num_clips=4, eval_clip_len=16,
-      frame_order=False,
-      pairs_per_study='all',           # 'all' unordered pairs of a study's videos per epoch (paper) | 'one'
-      image_size=112,                  # < 112 resizes clips after augmentation (CPU presets only)
-      augment=dict(enabled=True, pad=8, flip_prob=0.5, rotate_prob=0.5, max_rotate_deg=10, minmax=True),
-      shuffle_buffer=1024,
-      num_parallel_calls=-1,           # tf.data map parallelism; -1 = tf.data.AUTOTUNE
+      # clip lengths, frame order, pairing, image size, augmentation, shuffling: the pipeline's options,
+      # whose defaults (and meaning) live once, in echojax/data/options.py
+      **dict(data_options.pipeline_defaults(), clip_len=clip_len),
   ))
 
 

@@ -45,3 +45,13 @@ def test_short_video_is_zero_padded_like_the_pipeline():
   clips = pipeline.eval_clips_for_video(frames, cfg)
   assert clips.shape == (2, 16, 112, 112, 1)
   assert np.all(clips[:, 5:] == 0) and np.all(clips[:, :5].max(axis=(1, 2, 3, 4)) == 1.0)
+
+
+def test_pipeline_defaults_live_in_one_place():
+  from configs import common
+  from echojax.data import options, records
+  assert options.PIPELINE['image_size'] == records.FRAME_SIZE
+  data = common.data_config().to_dict()
+  for key, value in options.pipeline_defaults().items():
+    assert data[key] == value, key
+  assert pipeline.default_data_config().to_dict() == options.pipeline_defaults()

@@ -16,8 +16,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import tensorflow as tf
 
+from echojax.data import options
+
 MAX_ORDER_CLIP_LEN = 8  # 8! = 40320 frame-order classes; beyond that a lookup table is absurd
-DEFAULT_AUGMENT = dict(enabled=True, pad=8, flip_prob=0.5, rotate_prob=0.5, max_rotate_deg=10, minmax=True)
+DEFAULT_AUGMENT = options.AUGMENT
 
 
 def _get(cfg: Any, key: str):

@@ -18,6 +18,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from echojax.data import augment as augment_lib
+from echojax.data import options as data_options
 from echojax.data import records
 from echojax.data.augment import permutation_index, permutation_table  # noqa: F401 (public API)
 from echojax.data.clip_sampling import (decode_and_augment, eval_clips, eval_clips_of_frames,
@@ -30,11 +31,7 @@ _log = logging.getLogger(__name__)
 
 def default_data_config() -> ml_collections.ConfigDict:
   """Defaults of every key `make_dataset` reads from `cfg`."""
-  return ml_collections.ConfigDict(dict(
-      clip_len=4, clip_stride=1, finetune_clip_len=16, eval_num_clips=4, eval_clip_len=16,
-      frame_order=False, pairs_per_study='all', image_size=records.FRAME_SIZE,
-      augment=dict(augment_lib.DEFAULT_AUGMENT), shuffle_buffer=1024,
-      num_parallel_calls=tf.data.AUTOTUNE))
+  return ml_collections.ConfigDict(data_options.pipeline_defaults())
 
 
 def _as_dict(cfg) -> dict:
