@@ -190,7 +190,7 @@ def test_ssl_loss_combines_terms_and_reports_metrics():
                            0.05)
   order_loss, order_acc = losses.frame_order_loss(outputs['order_logits'], batch['order_label'])
   np.testing.assert_allclose(float(total), contrastive[0] + 0.5 * float(order_loss), rtol=1e-5)
-  assert set(metrics) == {'loss', 'nt_xent', 'contrastive_acc', 'order_loss', 'order_acc'}
+  assert set(metrics) == {'loss', 'nt_xent', 'contrastive_acc', 'order_loss', 'order_acc', 'order_acc_rev'}
   assert float(metrics['loss']) == float(total)
   np.testing.assert_allclose(float(metrics['nt_xent']), contrastive[0], rtol=1e-5)
   assert float(metrics['order_acc']) == float(order_acc)

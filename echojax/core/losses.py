@@ -7,10 +7,14 @@ input XLA inserts the collectives, so the value is the global-batch loss. Losses
 """
 from __future__ import annotations
 
+import functools
+import itertools
+import math
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 # torch.nn.functional.normalize's default eps: keeps an all-zero embedding finite.
@@ -67,6 +71,26 @@ def frame_order_loss(logits: jax.Array, labels: jax.Array):
   loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
   accuracy = jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
   return loss, accuracy
+
+
+@functools.lru_cache(maxsize=None)
+def _reversal_index(num_classes: int) -> np.ndarray:
+  """For each permutation index k of range(T) (lexicographic, as the data pipeline's table), the index of
+  the same permutation read backwards: the clip shown in reverse time."""
+  clip_len = next((t for t in range(1, 9) if math.factorial(t) == num_classes), None)
+  if clip_len is None:
+    raise ValueError(f'frame order: {num_classes} classes is not T! for T <= 8')
+  perms = list(itertools.permutations(range(clip_len)))
+  index = {p: i for i, p in enumerate(perms)}
+  return np.array([index[p[::-1]] for p in perms], np.int32)
+
+
+def order_accuracy_up_to_reversal(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Accuracy that also counts the time-reversed permutation as right (a clip's order and its reverse look
+  alike to anything without an arrow of time, e.g. cardiac motion that is nearly symmetric)."""
+  reverse = jnp.asarray(_reversal_index(logits.shape[-1]))
+  pred, labels = jnp.argmax(logits, axis=-1), labels.astype(jnp.int32)
+  return jnp.mean(((pred == labels) | (pred == reverse[labels])).astype(jnp.float32))
 
 
 def _masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -132,6 +156,7 @@ def ssl_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, Any], tempera
       raise KeyError('ssl_loss: the model returns order_logits but the batch has no order_label')
     order_loss, order_acc = frame_order_loss(order_logits, batch['order_label'])
     total = total + order_weight * order_loss
-    metrics.update(order_loss=order_loss, order_acc=order_acc)
+    metrics.update(order_loss=order_loss, order_acc=order_acc,
+                   order_acc_rev=order_accuracy_up_to_reversal(order_logits, batch['order_label']))
   metrics['loss'] = total
   return total, metrics

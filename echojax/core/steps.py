@@ -20,7 +20,7 @@ TASKS = ('binary', 'multiclass', 'regression')
 Metrics = dict[str, jax.Array]
 # Keys every SSL / fine-tune train step returns (besides 'finite', and 'learning_rate' when asked for).
 SSL_METRIC_NAMES = ('loss', 'nt_xent', 'contrastive_acc', 'grad_norm')
-SSL_ORDER_METRIC_NAMES = ('order_loss', 'order_acc')  # only when the model has a frame-order head
+SSL_ORDER_METRIC_NAMES = ('order_loss', 'order_acc', 'order_acc_rev')  # only when the model has a frame-order head
 FINETUNE_METRIC_NAMES = ('loss', 'accuracy', 'num_valid', 'grad_norm')
 
 
@@ -161,7 +161,7 @@ def _supervised_loss(logits: jax.Array, labels: jax.Array, valid: jax.Array, tas
                      label_smoothing: float):
   """(loss, accuracy) of logits (R, num_outputs) against labels (R,) over valid rows; regression:
   (mean squared error, mean absolute error) of the single output."""
-  logits = logits.astype(jnp.float32)
+  logits = losses.float32_or_wider(logits)
   if task == 'regression':
     error = jnp.where(valid > 0, logits[..., 0] - labels, 0.0)   # NaN targets must not reach the sum
     count = jnp.maximum(jnp.sum(valid), 1.0)
