@@ -1,5 +1,7 @@
 """Synthetic ultrasound DICOM cines for the DICOM tests: a fan-shaped sector of moving speckle, burned-in
-banner text made of the header's PHI strings, an ECG trace and a bottom menu bar outside the sector.
+banner text made of the header's PHI strings, an ECG trace and a bottom menu bar outside the sector;
+optionally PHI text over the moving tissue, frame-grabber noise and another resolution. `text=False` gives the
+text-free twin of a cine (same content, same noise), against which de-identified outputs are compared.
 
 All identities below are invented; each PHI string is long and distinctive so a byte search of the outputs
 cannot match by chance.
@@ -19,6 +21,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence
 
+from echojax.data.video_io import to_square_gray
+
 PHI = dict(
     PatientName='QZXDOE^JANEWUV', PatientID='PIDQ778899', PatientBirthDate='19610723',
     StudyDate='20240131', SeriesDate='20240131', ContentDate='20240131', AccessionNumber='ACCQ55667',
@@ -32,7 +36,10 @@ APEX = (160, 28)            # (x, y) of the fan apex
 RADIUS = 175
 HALF_ANGLE = np.deg2rad(42)
 BANNER_ORG = (6, 14)        # cv2.putText origin (bottom-left of the text), top-left, above the fan
-BOX_TEXT_ORG = (46, 202)    # text inside the region box and the crop box, but outside the fan
+BOX_TEXT_ORG = (46, 202)    # birth date inside the region box and the crop box, but outside the fan
+TISSUE_TEXT = ((f'{PHI["PatientName"][:6]} {PHI["PatientID"]}', (104, 122)),   # over the moving tissue
+               (PHI['PatientBirthDate'], (130, 138)))
+TISSUE_FONT = 0.33
 REGION_BOX = (4, 22, 315, 222)   # x0 y0 x1 y1 (inclusive), encloses the fan and BOX_TEXT
 ECG_ROWS = (206, 222)
 BAR_ROWS = (226, 239)
@@ -76,27 +83,37 @@ def ecg_trace() -> np.ndarray:
 MARKER_ORG = (150, 110)     # a static depth label drawn over the sector (inside the fan)
 
 
-def draw_frames(gray: np.ndarray, *, colour_blobs: bool = False, marker: bool = False) -> np.ndarray:
+def draw_tissue_text(image: np.ndarray, colour=(255, 255, 255)) -> None:
+  for text, org in TISSUE_TEXT:
+    cv2.putText(image, text, org, cv2.FONT_HERSHEY_SIMPLEX, TISSUE_FONT, colour, 1, cv2.LINE_AA)
+
+
+def draw_frames(gray: np.ndarray, *, colour_blobs: bool = False, marker: bool = False, text: bool = True,
+                tissue_text: bool = False) -> np.ndarray:
   """RGB frames: content inside the fan, PHI banner + in-box text, a sweeping green ECG, a menu bar;
-  optionally a static text marker over the sector itself."""
+  optionally a static text marker or PHI text over the sector itself. text=False draws no text at all."""
   sector = fan_mask()
   frames = []
   for t, g in enumerate(gray):
     rgb = np.zeros((ROWS, COLS, 3), np.uint8)
     rgb[sector] = g[sector][:, None]
-    cv2.putText(rgb, f'{PHI["PatientName"]} {PHI["PatientID"]}', BANNER_ORG, cv2.FONT_HERSHEY_SIMPLEX, 0.4,
-                (255, 255, 255), 1, cv2.LINE_AA)
-    cv2.putText(rgb, PHI['StudyDate'], BOX_TEXT_ORG, cv2.FONT_HERSHEY_SIMPLEX, 0.3, (255, 255, 255), 1,
-                cv2.LINE_AA)
+    if text:
+      cv2.putText(rgb, f'{PHI["PatientName"]} {PHI["PatientID"]} {PHI["PatientBirthDate"]}', BANNER_ORG,
+                  cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
+      cv2.putText(rgb, PHI['PatientBirthDate'], BOX_TEXT_ORG, cv2.FONT_HERSHEY_SIMPLEX, 0.3, (255, 255, 255), 1,
+                  cv2.LINE_AA)
     rgb[ECG_ROWS[0]:ECG_ROWS[1] + 1] = 0
     trace = ecg_trace()
     drawn = trace[trace[:, 0] < 20 + 14 * (t + 1)]   # a sweep: the trace is drawn progressively over time
     if len(drawn) > 1:
       cv2.polylines(rgb, [drawn], False, (0, 220, 0), 1)
     rgb[BAR_ROWS[0]:BAR_ROWS[1] + 1, 30:290] = 90
-    cv2.putText(rgb, PHI['InstitutionName'], (40, 236), cv2.FONT_HERSHEY_SIMPLEX, 0.3, (250, 250, 250), 1)
-    if marker:
+    if text:
+      cv2.putText(rgb, PHI['InstitutionName'], (40, 236), cv2.FONT_HERSHEY_SIMPLEX, 0.3, (250, 250, 250), 1)
+    if marker and text:
       cv2.putText(rgb, '12', MARKER_ORG, cv2.FONT_HERSHEY_SIMPLEX, 0.6, (255, 255, 255), 3)
+    if tissue_text and text:
+      draw_tissue_text(rgb)
     if colour_blobs:
       cy, cx = 120 + int(10 * np.sin(t)), 160
       cv2.circle(rgb, (cx, cy), 18, (230, 30, 20), -1)
@@ -187,21 +204,53 @@ def _set_image(ds, frames: np.ndarray, encoding: str) -> None:
     raise ValueError(encoding)
 
 
+def tissue_glyphs(scale: float = 1.0, marker: bool = False) -> np.ndarray:
+  """uint8 (H, W) 255 where the over-tissue text (and marker) is drawn, at the encoded resolution."""
+  glyph = np.zeros((ROWS, COLS), np.uint8)
+  draw_tissue_text(glyph, 255)
+  if marker:
+    cv2.putText(glyph, '12', MARKER_ORG, cv2.FONT_HERSHEY_SIMPLEX, 0.6, 255, 3)
+  return glyph if scale == 1 else rescale(glyph[None], scale)[0]
+
+
+def to_output(image: np.ndarray, crop_box) -> np.ndarray:
+  """A source-resolution uint8 map put through the converter's crop, pad and resize."""
+  return to_square_gray(np.ascontiguousarray(image[crop_box.y0:crop_box.y1 + 1, crop_box.x0:crop_box.x1 + 1]))
+
+
+def add_noise(rgb: np.ndarray, sigma: float, seed: int = 0) -> np.ndarray:
+  """Frame-grabber noise: independent grey Gaussian noise per pixel and frame (clipped to 8 bits)."""
+  noise = np.random.default_rng(1000 + seed).normal(0.0, sigma, rgb.shape[:3]).astype(np.float32)
+  return np.clip(rgb + noise[..., None], 0, 255).astype(np.uint8)
+
+
+def rescale(frames: np.ndarray, scale: float) -> np.ndarray:
+  """The same cine exported at another resolution (INTER_AREA down, bilinear up)."""
+  rows, cols = int(round(frames.shape[1] * scale)), int(round(frames.shape[2] * scale))
+  method = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+  return np.stack([cv2.resize(f, (cols, rows), interpolation=method) for f in frames])
+
+
 def write_cine(path, *, frames: int = 20, encoding: str = 'jpeg', frame_time_ms: Optional[float] = 20.0,
                region_box=REGION_BOX, colour_blobs=False, marker=False, seed=0, sop_uid=None, study_uid=STUDY_UID,
+               text: bool = True, tissue_text: bool = False, noise_sigma: float = 0.0, scale: float = 1.0,
                **tags) -> Cine:
-  """Writes a US multi-frame cine (50 fps via FrameTime by default) and returns its ground truth."""
+  """Writes a US multi-frame cine (50 fps via FrameTime by default) and returns its ground truth (at the
+  base resolution ROWS×COLS: `scale` only resamples the frames that are encoded, and the region box)."""
   gray = sector_content(frames, seed=seed)
-  rgb = draw_frames(gray, colour_blobs=colour_blobs, marker=marker)
+  rgb = draw_frames(gray, colour_blobs=colour_blobs, marker=marker, text=text, tissue_text=tissue_text)
+  if noise_sigma:
+    rgb = add_noise(rgb, noise_sigma, seed)
+  encoded = rgb if scale == 1 else rescale(rgb, scale)
   ds = base_dataset(frames=frames, sop_uid=sop_uid, study_uid=study_uid)
   if frame_time_ms is not None:
     ds.FrameTime = frame_time_ms
     ds.FrameIncrementPointer = pydicom.tag.Tag('FrameTime')
   if region_box is not None:
-    add_region(ds, region_box)
+    add_region(ds, [int(round(v * scale)) for v in region_box])
   for keyword, value in tags.items():
     setattr(ds, keyword, value)
-  _set_image(ds, rgb, encoding)
+  _set_image(ds, encoded, encoding)
   ds.save_as(str(path), enforce_file_format=True)
   return Cine(path=str(path), gray=gray, sector=fan_mask(), rgb=rgb)
 
@@ -242,3 +291,21 @@ def fake_encapsulated(path, transfer_syntax, *, frames: int = 20) -> str:
   ds.PixelData = encapsulate([b'\xff\xd8\xff\xe0' + bytes(range(200)) for _ in range(frames)])
   ds['PixelData'].VR = 'OB'
   return write_dataset(path, ds)
+
+
+def assert_no_glyph_shape(shown, twin, glyph_weight, what, *, max_bright=6.0, max_corr=0.4, mean_corr=0.15):
+  """`shown` (T, H, W) vs its text-free twin where `glyph_weight` (0–255, (H, W)) says text was drawn: no
+  bright letters, no letter-shaped holes, no difference that correlates with the letters. Inpainted tissue
+  differs from the true tissue at random in each frame; a glyph residue differs the same way in all."""
+  glyph = glyph_weight >= 64
+  assert glyph.sum() > 10, what
+  ys, xs = np.nonzero(glyph_weight > 0)
+  window = (slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
+  diff = shown.astype(np.float64) - twin
+  mean_diff = diff.mean(0)
+  bright = mean_diff[glyph].mean() - mean_diff[window][~glyph[window]].mean()
+  assert abs(bright) < max_bright, (what, bright)      # letters neither brighter nor darker than around them
+  corr = [np.corrcoef(f[window].ravel(), glyph_weight[window].ravel())[0, 1] for f in diff]
+  corr = np.nan_to_num(corr)
+  assert np.abs(corr).max() < max_corr and abs(corr.mean()) < mean_corr, (what, corr.min(), corr.max())
+  return bright

@@ -61,7 +61,7 @@ def test_predict_on_a_dicom_folder(finetuned, tmp_path):
   dicom_fixtures.write_cine(src / 'b' / 'IM3', frames=20, seed=3, study_uid='1.2.3.4.5.2')
   (src / 'b' / 'notes.txt').write_text('not an image')
   out = tmp_path / 'pred'
-  result = predict.predict(finetuned, str(src), str(out), salt='test-salt')
+  result = predict.predict(finetuned, str(src), str(out), salt='test-salt-0123456789')
   studies = list(csv.DictReader(open(out / 'study_predictions.csv')))
   assert sorted(int(r['n_videos']) for r in studies) == [1, 2]
   assert all(0 <= float(r['prob']) <= 1 for r in studies)

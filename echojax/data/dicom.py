@@ -1,8 +1,11 @@
-"""DICOM ultrasound cine → masked, cropped 112×112 grayscale cine plus technical (PHI-free) metadata.
+"""DICOM ultrasound cine → de-identified, masked, cropped 112×112 grayscale cine plus technical (PHI-free)
+metadata.
 
 `convert_one` reads a file, rejects what is not a usable 2D B-mode cine (`DicomReject` with a specific reason),
-decodes it with pydicom 3 + Pillow, zeroes everything outside the imaging sector (sector_mask), crops, pads to
-square and resizes. Identifiers leave only as salted hashes (`study_key`); no other header value is returned.
+decodes it with pydicom 3 + Pillow, fits the imaging sector (sector_mask), inpaints burned-in overlay inside
+it (deid), zeroes everything outside it, crops, pads to square and resizes. Identifiers leave only as salted
+hashes (`study_key`); no other header value is returned, and pydicom's warnings (which quote values) are
+captured, never printed.
 """
 from __future__ import annotations
 
@@ -10,39 +13,39 @@ import contextlib
 import dataclasses
 import hashlib
 import io
+import json
 import logging
 import os
-import re
 import warnings
-from typing import Iterator, Optional, Tuple
+from typing import Optional, Tuple
 
-import cv2
 import numpy as np
 import pydicom
-from pydicom.pixels import apply_color_lut, get_decoder, iter_pixels
 
-from echojax.data import sector_mask
+from echojax.data import deid, sector_mask
+from echojax.data.dicom_pixels import (  # pylint: disable=unused-import (decode_frames, to_luma re-exported)
+    SUPPORTED_PHOTOMETRIC, DecodeError, decode_cine, decode_frames, decoder_problem, to_luma)
 from echojax.data.video_io import to_square_gray
 
 OUTPUT_SIZE = 112
 # Used when a cine states no timing at all; 30 fps is the usual display rate of exported echo loops.
 DEFAULT_FPS = 30.0
 HASH_CHARS = 16
-CHROMA_LEVEL = 60           # max-min over RGB; colour-flow maps are saturated, B-mode tints stay well below
+MIN_SALT_CHARS = 16
+MIN_SALT_DISTINCT = 8      # 'aaaa…' or '1212…' are long but guessable
 COLOUR_FRACTION = 0.005     # of sector pixels (changing ones) coloured in some frame → colour Doppler
 _PIXEL_DATA_TAG = b'\xe0\x7f\x10\x00'
 _TIMING_KEYWORDS = ('FrameTime', 'FrameTimeVector', 'CineRate', 'RecommendedDisplayFrameRate')
-# Header values that must never reach an output, even inside an exception message.
-_PHI_KEYWORDS = (
-    'PatientName', 'PatientID', 'OtherPatientIDs', 'PatientBirthDate', 'AccessionNumber', 'StudyID',
-    'StudyDate', 'SeriesDate', 'AcquisitionDate', 'ContentDate', 'StudyTime', 'InstitutionName',
-    'InstitutionAddress', 'ReferringPhysicianName', 'OperatorsName', 'PerformingPhysicianName',
-    'StationName', 'StudyInstanceUID', 'SeriesInstanceUID', 'SOPInstanceUID', 'DeviceSerialNumber')
-_PIP_NAMES = {'gdcm': 'python-gdcm'}
-# Every interpretation pydicom 3 hands back as RGB or grey (YBR_FULL(_422) converted by pydicom, YBR_RCT/ICT
-# by the JPEG 2000 decoder, PALETTE COLOR through its LUT here); others would need a conversion we lack.
-SUPPORTED_PHOTOMETRIC = ('MONOCHROME1', 'MONOCHROME2', 'RGB', 'YBR_FULL', 'YBR_FULL_422', 'YBR_RCT', 'YBR_ICT',
-                         'PALETTE COLOR')
+# Header values quoted in reject reasons only when they are one of these defined terms (anything else could
+# be free text typed at the scanner).
+_MODALITIES = frozenset(
+    'AR ASMT AU BDUS BI BMD CR CT CTPROTOCOL DG DOC DX ECG EPS ES FID GM HC HD IO IOL IVOCT IVUS KER KO LEN LS '
+    'MG MR M3D NM OAM OCT OP OPM OPT OPTBSV OPTENF OPV OSS OT PLAN PR PT PX REG RESP RF RG RTDOSE RTIMAGE '
+    'RTINTENT RTPLAN RTRAD RTRECORD RTSEGANN RTSTRUCT RWV SEG SM SMR SR SRF STAIN TEXTUREMAP TG US VA XA XC'
+    .split())
+_PHOTOMETRICS = frozenset(('MONOCHROME1', 'MONOCHROME2', 'PALETTE COLOR', 'RGB', 'HSV', 'ARGB', 'CMYK',
+                           'YBR_FULL', 'YBR_FULL_422', 'YBR_PARTIAL_422', 'YBR_PARTIAL_420', 'YBR_ICT',
+                           'YBR_RCT', 'XYB'))
 
 
 class DicomReject(Exception):
@@ -53,14 +56,31 @@ class DicomReject(Exception):
     super().__init__(self.reason)
 
 
+def check_salt(salt) -> str:
+  """The salt, or a ValueError saying why it is too weak (never quoting it).
+
+  The ids are fast hashes of guessable values (date-like accession numbers, UIDs): whoever knows the salt
+  can recover them, and a short salt is found by brute force from one known (UID, study_id) pair.
+  """
+  if not salt or not str(salt).strip():
+    raise ValueError('a secret salt is required (unsalted hashes of UIDs/accessions can be reversed)')
+  salt = str(salt)
+  if len(salt) < MIN_SALT_CHARS or len(set(salt)) < MIN_SALT_DISTINCT:
+    raise ValueError(
+        f'the salt is too weak ({len(salt)} characters, {len(set(salt))} distinct; needs at least '
+        f'{MIN_SALT_CHARS} characters with {MIN_SALT_DISTINCT} distinct). Generate one with '
+        '`python -c "import secrets; print(secrets.token_urlsafe(24))"`, keep it secret (e.g. in a file read '
+        'with --salt-file) and reuse it for every conversion whose ids must match')
+  return salt
+
+
 def study_key(value: str, salt: str) -> str:
   """Salted sha256 (truncated) of a raw identifier: StudyInstanceUID → study_id, or an accession number →
   the manifest's accession_key, so a label CSV keyed by either can be joined without storing the raw value."""
   value = str(value).strip()
   if not value:
     raise ValueError('empty identifier')
-  if not salt:
-    raise ValueError('a non-empty salt is required (unsalted hashes of UIDs/accessions can be reversed)')
+  check_salt(salt)
   return hashlib.sha256(f'{salt}\x1f{value}'.encode()).hexdigest()[:HASH_CHARS]
 
 
@@ -71,35 +91,49 @@ def is_dicom_file(path) -> bool:
   if len(head) == 132 and head[128:132] == b'DICM':
     return True
   try:
-    with _quiet_pydicom():
+    with captured_pydicom():
       pydicom.dcmread(path, stop_before_pixels=True)
     return True
   except Exception:  # pylint: disable=broad-except
     return False
 
 
+_CAPTURES = []   # the open captured_pydicom blocks, innermost last
+
+
 @contextlib.contextmanager
-def _quiet_pydicom():
-  """pydicom warnings/log lines may quote header values (dates, names): keep them out of logs."""
+def captured_pydicom():
+  """Records pydicom's warnings and log lines instead of printing them: they quote header values (a
+  non-conformant UID, a date). Yields the list of recorded warnings (only ever counted, never written).
+
+  pydicom converts and validates an element when it is first accessed, so every access of a dataset
+  belongs inside this block, not only dcmread.
+  """
   logger = logging.getLogger('pydicom')
-  level = logger.level
-  logger.setLevel(logging.CRITICAL)
+  level, propagate = logger.level, logger.propagate
+  logger.setLevel(logging.CRITICAL + 1)
+  logger.propagate = False
   try:
-    with warnings.catch_warnings():
-      warnings.simplefilter('ignore')
-      yield
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter('always')
+      _CAPTURES.append(caught)
+      yield caught
   finally:
+    _CAPTURES.pop()
+    if _CAPTURES:              # nested: the enclosing block counts these too
+      _CAPTURES[-1].extend(caught)
     logger.setLevel(level)
+    logger.propagate = propagate
 
 
-def scrub(message: str, ds) -> str:
-  """Removes any PHI header value that appears verbatim in `message` (e.g. a decoder's error text)."""
-  for keyword in _PHI_KEYWORDS:
-    value = str(ds.get(keyword, '') or '') if ds is not None else ''
-    for part in {value, *value.split('^')}:
-      if len(part.strip()) >= 2:
-        message = message.replace(part.strip(), '<redacted>')
-  return message
+def identity(ds, salt: str) -> dict:
+  """The PHI-bearing identity of a parsed file, for the private key map only: its salted study id, raw
+  accession number and the accession's salted key ('' when absent)."""
+  with captured_pydicom():
+    study = str(ds.get('StudyInstanceUID', '') or '').strip()
+    accession = str(ds.get('AccessionNumber', '') or '').strip()
+  return dict(study_id=study_key(study, salt) if study else '', accession_number=accession,
+              accession_key=study_key(accession, salt) if accession else '')
 
 
 def read_dataset(path):
@@ -108,8 +142,7 @@ def read_dataset(path):
     raise DicomReject('not a DICOM file')
   with open(path, 'rb') as f:
     data = f.read()
-  with _quiet_pydicom(), warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter('always')   # recorded here, never printed
+  with captured_pydicom() as caught:
     try:
       ds = pydicom.dcmread(io.BytesIO(data))
     except Exception as e:  # pylint: disable=broad-except
@@ -196,81 +229,12 @@ def ultrasound_regions(ds, shape) -> Regions:
   return out
 
 
-def decoder_problem(ds) -> Optional[str]:
-  """Why this transfer syntax cannot be decoded here (naming the packages that would), or None."""
-  uid = getattr(ds, 'file_meta', pydicom.Dataset()).get('TransferSyntaxUID')
-  if uid is None:
-    return 'missing transfer syntax UID'
-  try:
-    decoder = get_decoder(uid)
-  except NotImplementedError:
-    return (f'unsupported transfer syntax {uid.name} ({uid}): no pydicom decoder exists for it '
-            '(transcode it first, e.g. with gdcmconv or dcmtk)')
-  if decoder.is_available:
-    return None
-  options = []
-  for dependency in decoder.missing_dependencies:
-    plugin, _, needs = dependency.partition(' - requires ')
-    packages = [re.split(r'[<>=]', p.strip())[0] for p in needs.split(' and ')] if needs else [plugin]
-    packages = [_PIP_NAMES.get(p, p) for p in packages if p != 'numpy']
-    options.append(' + '.join(packages))
-  return (f'unsupported transfer syntax {uid.name} ({uid}): no decoder installed; '
-          f'install {" or ".join(options)}')
-
-
-def _bits_to_uint8(frame: np.ndarray, ds) -> np.ndarray:
-  if frame.dtype == np.uint8:
-    return frame
-  bits = int(ds.get('BitsStored', 8) or 8)
-  frame = frame.astype(np.int64)
-  if int(ds.get('PixelRepresentation', 0) or 0) == 1:
-    frame = frame + (1 << (bits - 1))
-  return np.clip(frame >> max(bits - 8, 0), 0, 255).astype(np.uint8)
-
-
-def decode_frames(ds, max_frames: Optional[int] = None) -> Iterator[np.ndarray]:
-  """Yields uint8 frames: RGB (H, W, 3) for colour data, (H, W) for monochrome (MONOCHROME1 inverted).
-
-  Every colour frame is converted to RGB exactly once. pydicom 3 would convert YBR_FULL/YBR_FULL_422 (native
-  or JPEG) itself, in float numpy (slow); we ask for the raw YCbCr instead and convert with OpenCV (same
-  full-range BT.601 equations, ~50x faster). J2K YBR_RCT/ICT come out as RGB from the decoder's inverse
-  component transform, so they are not converted again; PALETTE COLOR goes through its LUT.
-  """
-  photometric = str(ds.get('PhotometricInterpretation', '')).strip().upper()
-  count = int(ds.get('NumberOfFrames', 1) or 1)
-  indices = range(min(count, max_frames) if max_frames else count)
-  table = None
-  if photometric == 'PALETTE COLOR':
-    bits = int(ds.get('BitsStored', 8) or 8)
-    lut = apply_color_lut(np.arange(1 << bits, dtype=np.uint16 if bits > 8 else np.uint8), ds)
-    # Descriptors often declare 16-bit entries; some vendors fill them with 8-bit values.
-    table = (lut >> 8 if lut.max() > 255 else lut).astype(np.uint8)
-  ybr = photometric in ('YBR_FULL', 'YBR_FULL_422') and int(ds.get('BitsAllocated', 8)) == 8
-  for frame in iter_pixels(ds, indices=indices, raw=ybr):
-    if ybr:
-      frame = cv2.cvtColor(np.ascontiguousarray(frame[..., [0, 2, 1]]), cv2.COLOR_YCrCb2RGB)
-    elif table is not None:
-      frame = table[frame]
-    elif photometric == 'MONOCHROME1':
-      frame = _bits_to_uint8(frame, ds)
-      frame = 255 - frame
-    else:
-      frame = _bits_to_uint8(frame, ds)
-    if frame.ndim == 3 and frame.shape[-1] == 1:
-      frame = frame[..., 0]
-    yield frame
-
-
-def to_luma(frame: np.ndarray) -> np.ndarray:
-  """uint8 (H, W) luma (BT.601 weights, as OpenCV) of an RGB or monochrome frame."""
-  return cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY) if frame.ndim == 3 else frame
-
-
 @dataclasses.dataclass
 class ConvertedCine:
   video: np.ndarray       # uint8 (T, 112, 112)
-  metadata: dict
-  preview: np.ndarray     # uint8 RGB QC image (first frame, outside of the sector pixelated)
+  metadata: dict          # manifest row
+  preview: np.ndarray     # uint8 RGB QC image (de-identified first frame, outside of the sector pixelated)
+  deid: dict = dataclasses.field(default_factory=dict)   # audit record: mask source, geometry, overlay
 
 
 def _check_header(ds, *, min_frames, min_fps, allow_color) -> None:
@@ -281,9 +245,9 @@ def _check_header(ds, *, min_frames, min_fps, allow_color) -> None:
     raise DicomReject('DICOMDIR (media directory, no image)')
   if 'PixelData' not in ds:
     raise DicomReject('no pixel data')
-  modality = str(ds.get('Modality', '')).upper()
+  modality = str(ds.get('Modality', '')).strip().upper()
   if modality and modality != 'US':
-    raise DicomReject(f'not ultrasound (Modality {modality})')
+    raise DicomReject(f'not ultrasound (Modality {modality if modality in _MODALITIES else "non-standard"})')
   if not ds.get('StudyInstanceUID') or not ds.get('SOPInstanceUID'):
     raise DicomReject('missing StudyInstanceUID or SOPInstanceUID (cannot be grouped by study)')
   frames = int(ds.get('NumberOfFrames', 1) or 1)
@@ -308,69 +272,107 @@ def _check_header(ds, *, min_frames, min_fps, allow_color) -> None:
     raise DicomReject(problem)
   photometric = str(ds.get('PhotometricInterpretation', '')).strip().upper()
   if photometric not in SUPPORTED_PHOTOMETRIC:
-    raise DicomReject(f'unsupported photometric interpretation {photometric or "(missing)"}')
+    named = photometric if photometric in _PHOTOMETRICS else ('(missing)' if not photometric else '(non-standard)')
+    raise DicomReject(f'unsupported photometric interpretation {named}')
   if not ds['PixelData'].is_undefined_length:
     expected = (shape[0] * shape[1] * int(ds.get('SamplesPerPixel', 1)) * int(ds.BitsAllocated) * frames
                 + 7) // 8
-    if str(ds.get('PhotometricInterpretation', '')).upper() == 'YBR_FULL_422':
+    if photometric == 'YBR_FULL_422':
       expected = expected * 2 // 3
     if len(ds.PixelData) < expected:
       raise DicomReject(f'truncated pixel data ({len(ds.PixelData)} of {expected} bytes)')
 
 
+def _deidentify_pixels(gray, coloured, regions, allow_color):
+  """Sector, overlay and colour checks; inpaints the overlay in `gray` in place. Raises DicomReject."""
+  stats = sector_mask.temporal_stats(gray)
+  noise = stats.noise()
+  static = deid.static_overlay(stats.mean, stats.std, noise, stats.minimum)
+  sector = sector_mask.find_sector(stats, regions.tissue_box, region_box_untrusted=regions.tissue_box_untrusted,
+                                   static=static)
+  if sector is None:
+    raise DicomReject('no imaging sector found (no changing region and no usable region box)')
+  moving = stats.std_smooth > noise.moving_threshold
+  colour_fraction = float((coloured & sector.mask & moving).sum() / sector.mask.sum())
+  if not allow_color and colour_fraction > COLOUR_FRACTION:
+    raise DicomReject(f'colour Doppler (colour pixels in {100 * colour_fraction:.1f}% of the sector)')
+  overlay = deid.find_overlay(static, sector.mask)
+  problem = deid.removal_problem(overlay, stats.std, sector.mask, noise)
+  if problem:
+    raise DicomReject(problem)
+  for t in range(len(gray)):
+    gray[t] = deid.remove(gray[t], overlay)
+  return sector, overlay, noise, colour_fraction
+
+
 def convert_dataset(ds, *, salt: str, max_frames: int = 100, min_frames: int = 16, min_fps: float = 25.0,
                     allow_color: bool = False) -> ConvertedCine:
   """The checks and conversion of `convert_one` on an already parsed dataset."""
-  _check_header(ds, min_frames=min_frames, min_fps=min_fps, allow_color=allow_color)
-  shape = (int(ds.Rows), int(ds.Columns))
-  regions = ultrasound_regions(ds, shape)
-  gray, coloured, first = [], np.zeros(shape, bool), None
-  try:
-    with _quiet_pydicom():
-      for frame in decode_frames(ds, max_frames):
-        if first is None:
-          first = frame
-        if frame.ndim == 3:
-          r, g, b = cv2.split(frame)
-          chroma = cv2.subtract(cv2.max(cv2.max(r, g), b), cv2.min(cv2.min(r, g), b))
-          coloured |= chroma > CHROMA_LEVEL
-        gray.append(to_luma(frame))
-  except Exception as e:  # pylint: disable=broad-except
-    raise DicomReject(f'decoder error: {type(e).__name__}: {scrub(str(e), ds)[:200]}') from None
-  if len(gray) < min_frames:
-    raise DicomReject(f'decoder error: only {len(gray)} frames decoded')
-  gray = np.stack(gray)
-  if gray.shape[1:] != shape:
-    raise DicomReject(f'decoder error: frames of shape {gray.shape[1:]} but Rows/Columns {shape}')
-  stats = sector_mask.temporal_stats(gray)
-  sector = sector_mask.find_sector(stats, regions.tissue_box,
-                                   region_box_untrusted=regions.tissue_box_untrusted)
-  if sector is None:
-    raise DicomReject('no imaging sector found (no changing region and no usable region box)')
-  colour_fraction = float((coloured & sector.mask & (stats.std > sector_mask.MOVING_STD)).sum() / sector.mask.sum())
-  if not allow_color and colour_fraction > COLOUR_FRACTION:
-    raise DicomReject(f'colour Doppler (colour pixels in {100 * colour_fraction:.1f}% of the sector)')
+  check_salt(salt)
+  with captured_pydicom() as caught:
+    _check_header(ds, min_frames=min_frames, min_fps=min_fps, allow_color=allow_color)
+    shape = (int(ds.Rows), int(ds.Columns))
+    regions = ultrasound_regions(ds, shape)
+    try:
+      gray, coloured, first = decode_cine(ds, shape, max_frames, min_frames)
+    except DecodeError as e:
+      raise DicomReject(f'decoder error: {e}') from None
+    fps, fps_source = frame_rate(ds)
+    study_id = study_key(ds.StudyInstanceUID, salt)
+    video_id = f'{study_id}_{study_key(ds.SOPInstanceUID, salt)[:12]}'
+    accession = str(ds.get('AccessionNumber', '') or '').strip()
+    source_frames = int(ds.get('NumberOfFrames', 1) or 1)
+    photometric = str(ds.get('PhotometricInterpretation', ''))
+    transfer_syntax = str(ds.file_meta.TransferSyntaxUID)
+  sector, overlay, noise, colour_fraction = _deidentify_pixels(gray, coloured, regions, allow_color)
   box = sector.crop_box
   video = np.stack([to_square_gray(np.where(sector.mask, g, 0).astype(np.uint8)[box.y0:box.y1 + 1,
                                                                                box.x0:box.x1 + 1],
                                    OUTPUT_SIZE) for g in gray])
-  fps, fps_source = frame_rate(ds)
-  study_id = study_key(ds.StudyInstanceUID, salt)
-  accession = str(ds.get('AccessionNumber', '') or '').strip()
   side = max(box.width, box.height)
   delta = regions.physical_delta_x_cm
+  geometry = sector.geometry_dict()
+  record = dict(mask_source=sector.source, geometry=geometry, crop_box=str(box),
+                geometry_output=sector.geometry.in_output(box, OUTPUT_SIZE) if sector.geometry else None,
+                noise_sigma=round(noise.sigma, 3), pydicom_warnings=len(caught), **overlay.report())
   metadata = dict(
-      study_id=study_id,
-      video_id=f'{study_id}_{study_key(ds.SOPInstanceUID, salt)[:12]}',
+      study_id=study_id, video_id=video_id,
       accession_key=study_key(accession, salt) if accession else '',
       fps=round(fps, 4), fps_source=fps_source, num_frames=len(video),
-      source_num_frames=int(ds.get('NumberOfFrames', 1) or 1), orig_rows=shape[0], orig_cols=shape[1],
-      photometric=str(ds.get('PhotometricInterpretation', '')), transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
+      source_num_frames=source_frames, orig_rows=shape[0], orig_cols=shape[1],
+      photometric=photometric, transfer_syntax=transfer_syntax,
       crop_box=str(box), mask_source=sector.source, colour_fraction=round(colour_fraction, 5),
+      geometry=json.dumps(geometry, separators=(',', ':')), noise_sigma=record['noise_sigma'],
+      overlay_removed=len(overlay.removed), overlay_masked=len(overlay.masked),
+      overlay_fraction=record['removed_fraction'],
       physical_delta_x_cm='' if delta is None else delta,
       output_pixel_cm='' if delta is None else delta * side / OUTPUT_SIZE,
       status='ok')
-  return ConvertedCine(video=video, metadata=metadata, preview=sector_mask.render_preview(first, sector))
+  preview = sector_mask.render_preview(deid.remove(first, overlay), sector, overlay.removed, overlay.masked)
+  return ConvertedCine(video=video, metadata=metadata, preview=preview, deid=record)
+
+
+def convert_file(path, *, salt: str, **options) -> Tuple[Optional[ConvertedCine], Optional[str], dict]:
+  """(cine, None, identity) or (None, reject reason, identity) for one file; never raises on bad input.
+
+  `identity` (see `identity`, empty when the header was unreadable) is for the private key map only.
+  """
+  check_salt(salt)
+  ident = {}
+  try:
+    with captured_pydicom() as caught:   # a value's first access warns once: count it wherever it happens
+      ds = read_dataset(os.fspath(path))
+      ident = identity(ds, salt)
+      cine = convert_dataset(ds, salt=salt, **options)
+    cine.deid['pydicom_warnings'] = len(caught)
+    return cine, None, ident
+  except DicomReject as e:
+    return None, e.reason, ident
+  except OSError as e:
+    return None, f'unreadable file: {type(e).__name__}', ident
+  except Exception as e:  # pylint: disable=broad-except
+    # Unexpected failures are reported by type only: their messages may quote header values or paths.
+    return None, f'internal error: {type(e).__name__}', ident
 
 
 def convert_one(path, *, salt: str, max_frames: int = 100, min_frames: int = 16, min_fps: float = 25.0,

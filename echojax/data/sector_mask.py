@@ -1,9 +1,9 @@
 """Finds the imaging sector of an ultrasound cine so everything around it (burned-in text, ECG, menus) is zeroed.
 
-Two sources: the DICOM SequenceOfUltrasoundRegions box (trusted only when it fits the image) and a data-driven
-mask (pixels that change over time → largest component → convex hull). When both exist they are intersected,
-and static bright pixels inside the result (text/markers drawn over the sector) are removed as well. Also the
-geometry helpers of the crop (to_output_coords) and the PHI-safe QC preview (render_preview).
+The sector is a fitted model (sector_geometry: fan or linear footprint) of the pixels that change over time
+more than the estimated noise, restricted to the DICOM SequenceOfUltrasoundRegions box when that box fits the
+image and agrees with the pixels; the box alone only when nothing moves. Also the geometry helpers of the
+crop (to_output_coords) and the PHI-safe QC preview (render_preview).
 """
 from __future__ import annotations
 
@@ -13,42 +13,17 @@ from typing import Optional, Sequence, Tuple
 import cv2
 import numpy as np
 
+from echojax.data import sector_geometry
+from echojax.data.sector_geometry import Box, bounding_box   # pylint: disable=unused-import (re-exported)
+
 # A region box may overhang the image by a rounding pixel or two; one losing more area than this is a box
 # copied from a differently-sized original (e.g. pydicom's examples_ybr_color.dcm, a 2x downscale).
 MIN_BOX_AREA_INSIDE = 0.9
-MIN_SECTOR_FRACTION = 0.02     # of the image; smaller "sectors" are noise or a cursor
-MOVING_STD = 1.0               # grey levels of temporal std (after smoothing) that count as "changing"
-STATIC_STD = 0.75              # a pixel below this std and above STATIC_MIN_LEVEL is a drawn graphic
-STATIC_MIN_LEVEL = 40.0
-
-
-@dataclasses.dataclass(frozen=True)
-class Box:
-  """Inclusive pixel box (x0, y0, x1, y1), the DICOM RegionLocation convention."""
-  x0: int
-  y0: int
-  x1: int
-  y1: int
-
-  @property
-  def width(self) -> int:
-    return self.x1 - self.x0 + 1
-
-  @property
-  def height(self) -> int:
-    return self.y1 - self.y0 + 1
-
-  @property
-  def area(self) -> int:
-    return max(self.width, 0) * max(self.height, 0)
-
-  def __str__(self) -> str:
-    return f'{self.x0} {self.y0} {self.x1} {self.y1}'
-
-  def to_mask(self, shape: Tuple[int, int]) -> np.ndarray:
-    mask = np.zeros(shape, bool)
-    mask[self.y0:self.y1 + 1, self.x0:self.x1 + 1] = True
-    return mask
+MIN_SECTOR_FRACTION = sector_geometry.MIN_SECTOR_FRACTION   # of the image; smaller "sectors" are noise
+MIN_BOX_AGREEMENT = 0.5        # share of the moving region inside a region box that agrees with the pixels
+# Vendors draw region boxes a few pixels inside or outside the fan: the box bounds the fitted sector only
+# beyond this margin (of the image's smaller side), so a file with a box gets the geometry of one without.
+BOX_TOLERANCE = 0.03
 
 
 def parse_box(text: str) -> Box:
@@ -71,97 +46,96 @@ def clip_region_box(box: Box, shape: Tuple[int, int]) -> Optional[Box]:
   return clipped
 
 
-def _odd(n: float) -> int:
-  n = max(3, int(round(n)))
-  return n if n % 2 else n + 1
-
-
 @dataclasses.dataclass
 class TemporalStats:
   """Per-pixel statistics over the frames of a cine (float32 (H, W) maps)."""
   mean: np.ndarray
   std: np.ndarray
+  std_smooth: Optional[np.ndarray] = None   # temporal std of the box-averaged frames (noise suppressed)
+  kernel: int = 3                           # that box's size
+  minimum: Optional[np.ndarray] = None      # uint8 per-pixel minimum over time (overlay never gets dark)
+
+  def __post_init__(self):
+    if self.std_smooth is None:
+      self.kernel = sector_geometry.smoothing_kernel(self.std.shape)
+      self.std_smooth = cv2.blur(self.std, (self.kernel, self.kernel))
+    if self.minimum is None:
+      self.minimum = np.clip(self.mean, 0, 255).astype(np.uint8)
+
+  def noise(self) -> sector_geometry.NoiseFloor:
+    return sector_geometry.estimate_noise(self.std, self.std_smooth, self.kernel)
 
 
 def temporal_stats(gray: np.ndarray) -> TemporalStats:
   """Statistics of a (T, H, W) uint8 cine, accumulated frame by frame (no float copy of the cine)."""
-  total = np.zeros(gray.shape[1:], np.float64)
-  total_sq = np.zeros(gray.shape[1:], np.float64)
+  kernel = sector_geometry.smoothing_kernel(gray.shape[1:])
+  sums = [np.zeros(gray.shape[1:], np.float64) for _ in range(4)]
+  minimum = np.full(gray.shape[1:], 255, np.uint8)
   for frame in gray:
-    f = frame.astype(np.float64)
-    total += f
-    total_sq += f * f
-  mean = total / len(gray)
-  var = np.maximum(total_sq / len(gray) - mean * mean, 0.0)
-  return TemporalStats(mean.astype(np.float32), np.sqrt(var).astype(np.float32))
-
-
-def static_graphics(mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-  """Pixels that never change yet are bright: text, markers, scales (speckle always changes)."""
-  static = ((std < STATIC_STD) & (mean > STATIC_MIN_LEVEL)).astype(np.uint8)
-  # Anti-aliased glyph edges are dimmer than the core; grow the mask by a pixel to take them too.
-  return cv2.dilate(static, np.ones((3, 3), np.uint8)).astype(bool)
-
-
-def motion_hull(stats: TemporalStats) -> Optional[np.ndarray]:
-  """Convex hull of the largest region of changing pixels, or None when no plausible sector changes.
-
-  The map is box-smoothed first: this fills speckle/blood-pool holes inside the sector and dilutes thin
-  moving lines (ECG trace, sweep cursor) so that an opening removes them before the component search.
-  """
-  rows, cols = stats.std.shape
-  k = _odd(min(rows, cols) / 50)
-  smooth = cv2.blur(stats.std, (k, k))
-  moving = (smooth > MOVING_STD).astype(np.uint8)
-  # An opening twice the blur width removes those blurred lines (and text flicker) but not the sector.
-  opening = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * k + 1, 2 * k + 1))
-  moving = cv2.morphologyEx(moving, cv2.MORPH_OPEN, opening)
-  count, labels, stats, _ = cv2.connectedComponentsWithStats(moving, connectivity=8)
-  if count < 2:
-    return None
-  largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
-  if stats[largest, cv2.CC_STAT_AREA] < MIN_SECTOR_FRACTION * rows * cols:
-    return None
-  ys, xs = np.nonzero(labels == largest)
-  hull = cv2.convexHull(np.stack([xs, ys], axis=1).astype(np.int32))
-  mask = np.zeros((rows, cols), np.uint8)
-  cv2.fillConvexPoly(mask, hull, 1)
-  return mask.astype(bool)
+    np.minimum(minimum, frame, out=minimum)
+    f = frame.astype(np.float32)
+    s = cv2.blur(f, (kernel, kernel))
+    for total, value in zip(sums, (f, f * f, s, s * s)):
+      total += value
+  n = len(gray)
+  std = lambda total, total_sq: np.sqrt(np.maximum(total_sq / n - (total / n) ** 2, 0.0)).astype(np.float32)
+  return TemporalStats(mean=(sums[0] / n).astype(np.float32), std=std(sums[0], sums[1]),
+                       std_smooth=std(sums[2], sums[3]), kernel=kernel, minimum=minimum)
 
 
 @dataclasses.dataclass
 class SectorMask:
   mask: np.ndarray          # bool (H, W)
   crop_box: Box             # bounding box of the mask (inclusive)
-  source: str               # 'region+motion', 'motion', 'motion (region box outside image)', 'region', ...
+  source: str               # 'region+motion', 'motion', 'motion (region box outside image)', ...
+  geometry: Optional[sector_geometry.Geometry] = None   # None: the moving region's hull (no model fitted)
+  noise: Optional[sector_geometry.NoiseFloor] = None
+
+  def geometry_dict(self) -> dict:
+    if self.geometry is None:
+      return dict(kind='hull', rect=[self.crop_box.x0, self.crop_box.y0, self.crop_box.x1, self.crop_box.y1])
+    return self.geometry.to_dict()
 
 
-def find_sector(stats: TemporalStats, region_box: Optional[Box], *,
-                region_box_untrusted: bool = False) -> Optional[SectorMask]:
+def find_sector(stats: TemporalStats, region_box: Optional[Box], *, region_box_untrusted: bool = False,
+                static: Optional[np.ndarray] = None) -> Optional[SectorMask]:
   """Imaging-sector mask from a cine's `temporal_stats`; None when neither the region box nor motion finds one.
 
   `region_box` is an already clipped, trusted box; `region_box_untrusted` records that the file had a 2D
-  tissue region that did not fit the image (reported in `source`).
+  tissue region that did not fit the image (reported in `source`). `static` (bool, drawn graphics) keeps a
+  mirrored fan wing from claiming a scale or text column.
   """
-  hull = motion_hull(stats)
   shape = stats.std.shape
+  noise = stats.noise()
+  region = sector_geometry.moving_region(stats.std_smooth, noise, stats.kernel)
+  box_mask = None
   if region_box is not None:
-    box_mask = region_box.to_mask(shape)
-    if hull is not None and (hull & box_mask).sum() >= 0.25 * region_box.area:
-      mask, source = hull & box_mask, 'region+motion'
+    grow = max(2, int(round(BOX_TOLERANCE * min(shape))))
+    box_mask = Box(region_box.x0 - grow, region_box.y0 - grow, region_box.x1 + grow,
+                   region_box.y1 + grow).to_mask(shape)
+  if region is not None and box_mask is not None:
+    if (region & box_mask).sum() >= MIN_BOX_AGREEMENT * region.sum():
+      region, source = region & box_mask, 'region+motion'
     else:
-      mask, source = box_mask, 'region (motion mask disagreed)' if hull is not None else 'region (no motion)'
-  elif hull is not None:
-    mask = hull
+      box_mask, source = None, 'motion (region box disagreed)'
+  elif region is not None:
     source = 'motion (region box outside image)' if region_box_untrusted else 'motion'
+  elif box_mask is not None:
+    geometry = sector_geometry.Geometry(kind='box', rect=region_box)
+    return SectorMask(mask=region_box.to_mask(shape), crop_box=region_box, source='region (no motion)',
+                      geometry=geometry, noise=noise)
   else:
     return None
-  mask = mask & ~static_graphics(stats.mean, stats.std)
+  geometry = sector_geometry.fit_geometry(region, stats.std_smooth, noise, static)
+  # The model, plus any moving pixel it misses (a poor fit never cuts tissue away).
+  mask = sector_geometry.hull_mask(region)
+  if geometry is not None:
+    mask |= geometry.to_mask(shape)
+  if box_mask is not None:
+    mask &= box_mask
   if mask.sum() < MIN_SECTOR_FRACTION * mask.size:
     return None
-  ys, xs = np.nonzero(mask)
-  return SectorMask(mask=mask, crop_box=Box(int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())),
-                    source=source)
+  return SectorMask(mask=mask, crop_box=bounding_box(mask), source=source, geometry=geometry, noise=noise)
 
 
 def to_output_coords(points: Sequence[Tuple[float, float]], crop_box: Box, size: int) -> np.ndarray:
@@ -175,21 +149,32 @@ def to_output_coords(points: Sequence[Tuple[float, float]], crop_box: Box, size:
   return out
 
 
-def render_preview(first: np.ndarray, sector: SectorMask) -> np.ndarray:
-  """QC image: the first frame with the sector outline (green) and crop box (red).
+REMOVED_COLOUR = (255, 0, 255)    # overlay inpainted inside the sector
+MASKED_COLOUR = (255, 255, 0)     # overlay outside the sector (zeroed with the rest of the background)
 
-  Outside the sector the frame is pixelated into blocks larger than text glyphs, so the preview shows where
-  the mask cut without reproducing burned-in names or dates.
+
+def render_preview(first: np.ndarray, sector: SectorMask, removed: Sequence[Box] = (),
+                   masked: Sequence[Box] = ()) -> np.ndarray:
+  """QC image: the (already de-identified) first frame, sector outline (green), crop box (red), and the boxes
+  of the overlay that was inpainted (magenta) or masked with the background (yellow).
+
+  Outside the sector the masked overlay boxes are filled flat and the rest is pixelated into blocks larger
+  than text glyphs, so the preview shows where the mask cut without reproducing burned-in names or dates.
   """
   rgb = first if first.ndim == 3 else cv2.cvtColor(first, cv2.COLOR_GRAY2RGB)
   rows, cols = rgb.shape[:2]
+  outside = rgb.copy()
+  for box in masked:
+    outside[box.y0:box.y1 + 1, box.x0:box.x1 + 1] = 64
   block = max(16, min(rows, cols) // 24)
-  small = cv2.resize(rgb, (max(cols // block, 1), max(rows // block, 1)), interpolation=cv2.INTER_AREA)
+  small = cv2.resize(outside, (max(cols // block, 1), max(rows // block, 1)), interpolation=cv2.INTER_AREA)
   coarse = cv2.resize(small, (cols, rows), interpolation=cv2.INTER_NEAREST) // 2
-  image = np.where(sector.mask[..., None], rgb, coarse).astype(np.uint8)
+  image = np.ascontiguousarray(np.where(sector.mask[..., None], rgb, coarse).astype(np.uint8))
   contours, _ = cv2.findContours(sector.mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-  image = np.ascontiguousarray(image)
   cv2.drawContours(image, contours, -1, (0, 255, 0), 1)
   box = sector.crop_box
   cv2.rectangle(image, (box.x0, box.y0), (box.x1, box.y1), (255, 0, 0), 1)
+  for colour, boxes in ((MASKED_COLOUR, masked), (REMOVED_COLOUR, removed)):
+    for b in boxes:
+      cv2.rectangle(image, (b.x0, b.y0), (b.x1, b.y1), colour, 1)
   return image
