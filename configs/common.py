@@ -15,6 +15,9 @@ def data_config(name='synthetic_echo', builder_config='small', clip_len=4) -> ml
       data_dir='',                     # '' → TFDS default (~/tensorflow_datasets)
       manual_dir='',                   # for builders over the user's own files (echo_studies, echonet_*)
       auto_build=True,                 # build the dataset first if it is absent
+      rebuild=False,                   # rebuild it (after label/table/option changes; a stale build stops a run)
+      min_plax_prob=None,              # echo_studies: keep videos with plax_prob >= this (None = all; unknown kept, counted)
+      views=None,                      # echo_studies: keep videos whose `view` column is one of these (None = all)
       train_split='train', val_split='val', test_split='test',
       # clip lengths, frame order, pairing, image size, augmentation, shuffling: the pipeline's options,
       # whose defaults (and meaning) live once, in echojax/data/options.py
@@ -26,10 +29,13 @@ def model_config(width=64) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       width=width, stage_depths=(2, 2, 2, 2),
       conv_impl='auto',                # auto: XLA conv on GPU/TPU, GEMM fast path on CPU
-      dtype='float32',                 # compute dtype; bfloat16 on accelerators (params stay float32)
-      remat=False,
+      dtype='auto',                    # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU | float32 |
+                                       # bfloat16 (params, BN statistics, losses, optimiser stay float32)
+      remat=False,                     # rematerialise residual blocks: ~1 extra forward, far less memory
       projection='paper', proj_hidden=256, proj_dim=128,   # paper head: 512→256→128, no bias
       bn_mode='global',                # global: one encoder call over both views | per_view: paper code
+      bn_group_size=0,                 # ghost BN: statistics per group of G consecutive examples (SSL:
+                                       # pairs, fine-tuning: clips); 0 = the whole global batch
   ))
 
 
@@ -45,4 +51,7 @@ def optim_config(name='adam', lr=0.1) -> ml_collections.ConfigDict:
 def distributed_config() -> ml_collections.ConfigDict:
   # mode 'auto': initialise jax.distributed when the environment describes a multi-process job.
   return ml_collections.ConfigDict(dict(mode='auto', coordinator_address='', num_processes=0,
-                                        process_id=-1, local_device_ids=''))
+                                        process_id=-1, local_device_ids='',
+                                        # a peer silent this long (dead or hung) ends every survivor
+                                        # (exit 76); 5–90 s, below JAX's own 100 s heartbeat abort
+                                        peer_timeout_s=60.0))

@@ -41,7 +41,11 @@ def get_config(arg=None):
   c.train = ml_collections.ConfigDict(dict(
       global_batch_size=88, num_epochs=30, num_steps=-1, steps_per_epoch=-1,
       early_stopping_metric='val_loss',   # val_loss (paper) | val_auroc (classification) | val_mae
-      patience=5, log_every_steps=20, keep_checkpoints=2, stop_after_steps=-1))
+      patience=5, log_every_steps=20, keep_checkpoints=2, stop_after_steps=-1,
+      accumulate_steps=1,        # > 1: the global batch in that many chunks per device, gradients summed
+                                 # before one update (memory of one chunk); needs model.bn_group_size
+                                 # dividing each chunk; 1 = off
+  ))
   c.eval = ml_collections.ConfigDict(dict(
       splits=('val', 'test'), batch_size=16, bootstrap_resamples=1000, ci_level=0.95,
       threshold_method='max_f1', target_sensitivity=0.9, bootstrap_seed=0,
@@ -62,6 +66,8 @@ def get_config(arg=None):
     c.data.name = 'echonet_lvh'
     c.task.update(label_key='ivsd', binarize_at=1.1, name='Left ventricular hypertrophy (IVSd >= 1.1 cm)',
                   class_names=('no LVH', 'LVH'))
+  if variant != 'demo':
+    c.data.min_plax_prob = 0.5   # paper: PLAX videos only (view classifier's top class); no-op on synthetic_echo
   if variant == 'linear_probe':
     c.task.freeze_encoder = True
     c.optim.lr = 1e-3

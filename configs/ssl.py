@@ -28,12 +28,17 @@ def get_config(arg=None):
       num_epochs=300, num_steps=-1,   # num_steps > 0 overrides epochs
       log_every_steps=50, checkpoint_every_steps=1000, keep_checkpoints=3,
       stop_after_steps=-1,       # > 0: stop (checkpointed) after this many steps of this invocation
+      microbatch_size=0,         # GradCache: pairs per device per chunk (0 = off); exact full-batch NT-Xent
+                                 # gradient on one chunk's activation memory; needs model.bn_group_size
+                                 # dividing it (BN statistics cannot span chunks)
   ))
   c.probe = ml_collections.ConfigDict(dict(
       every_steps=1000, split='val', fit_split='train', max_videos=512, batch_size=32,
       label_key='severe_as'))
   c.distributed = common.distributed_config()
 
+  if variant != 'demo':
+    c.data.min_plax_prob = 0.5   # paper: PLAX videos only (view classifier's top class); no-op on synthetic_echo
   if variant in ('echoclr', 'demo'):
     c.data.frame_order = True
   if variant == 'simclr':

@@ -111,6 +111,9 @@ def read_keys() -> set[str]:
   for fn in (factory.encoder_kwargs, factory.ssl_model):
     reads.update(f'model.{p.name}' for p in inspect.signature(fn).parameters.values()
                  if p.kind == p.KEYWORD_ONLY)
+  # data.prepare hands the builder's RUN_OPTIONS (view filters) over by name
+  from echojax.data import pipeline
+  reads.update(f'data.{k}' for k in pipeline.run_option_names('echo_studies'))
   reads.discard('model.num_order_classes')   # the trainer passes it (from data.clip_len), not the config
   reads -= ALIASES
   return reads

@@ -1,4 +1,6 @@
-"""Tests of the echo_studies TFDS builder and its label-table validation (echojax.data.study_tables).
+"""Tests of the echo_studies TFDS builder: the seed layout, bad videos in a build (rejects.csv), the view
+filter, the dataset fingerprint that refuses a stale build, and the project build command
+(`python -m echojax.data.build`). Table validation alone is in test_study_tables.py.
 
 Tiny AVIs are written per test; each video is a constant grey level that encodes (study, video), so a record
 can be traced back to its file.
@@ -10,12 +12,13 @@ import subprocess
 import sys
 import warnings
 
+import cv2
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from data_builders.echo_studies import build_echo_studies
-from echojax.data import records, study_tables, video_io
+from data_builders.echo_studies import Builder, build_echo_studies
+from echojax.data import build, builder_common, pipeline, records, study_tables, video_io
 
 # (study, patient, split, label as written, number of videos, frame (H, W))
 STUDIES = [
@@ -108,7 +111,8 @@ def test_seed_build_counts_splits_and_location(seed_build):
     summary = json.load(f)
   assert summary['splits']['train'] == dict(
       studies_listed=4, studies_kept=3, videos_listed=8, videos_kept=5, videos_rejected=3,
-      studies_dropped=1, fps_defaulted=0, truncated=0)
+      studies_dropped=1, fps_defaulted=0, truncated=0, colour_converted=0, frames_missing=0,
+      studies_excluded=0, videos_dropped_view=0, videos_view_unknown=0, studies_dropped_view=0)
   assert summary['splits']['test']['videos_rejected'] == 1 and summary['options']['max_frames'] == 100
 
 
@@ -158,7 +162,7 @@ def test_seed_build_rejects_file(seed_build):
                           os.path.join('videos', 'S5_2.avi'), os.path.join('videos', 'S6_0.avi'),
                           os.path.join('videos', 'S7_0.avi'), 'study:S6', 'study:S7', 'split:ext_test'}
   assert rejects[os.path.join('videos', 'S1_missing.avi')].startswith('file not found')
-  assert rejects[os.path.join('videos', 'S2_1.avi')].startswith('cannot open')
+  assert rejects[os.path.join('videos', 'S2_1.avi')].startswith('not a video file (unrecognised content)')
   assert rejects[os.path.join('videos', 'S5_2.avi')].startswith('no decodable frames')
   assert 'train.csv' in rejects[os.path.join('videos', 'S2_1.avi')]
   assert 'study dropped' in rejects['study:S6']
@@ -171,7 +175,8 @@ def test_rebuild_reuses_and_refuses_changed_options(seed_build):
   options_file = manual_dir / study_tables.OPTIONS_FILE
   options_file.write_text(json.dumps({'max_frames': 10}))
   try:
-    with pytest.raises(ValueError, match='overwrite=True'):
+    with pytest.raises(ValueError, match=r'built from other inputs: options: max_frames changed \(100 → 10\).*'
+                                         'overwrite=True'):
       build_echo_studies(manual_dir, data_dir)
   finally:
     options_file.unlink()
@@ -255,114 +260,130 @@ def test_tfds_cli_build(tmp_path):
   assert json.loads((built / 'build_summary.json').read_text())['splits']['train']['videos_kept'] == 3
 
 
+
 # ---------------------------------------------------------------------------------------------------------
-# Table validation alone (no videos needed: only the table is read).
+# Bad videos, view filter, fingerprint, the project build command.
 
-def table_rows():
-  return [dict(acc_num=s, fpath=f'{s}_{v}.avi', av_stenosis=label, video_num=v, patient_id=p, split=split)
-          for s, p, split, label, n, _ in STUDIES for v in range(n)]
-
-
-def test_tables_group_studies_in_order(tmp_path):
-  write_per_split(tmp_path, table_rows())
-  studies = study_tables.read_study_tables(tmp_path)
-  assert list(studies) == ['train', 'val', 'test']
-  assert [(s.study_id, s.av_stenosis, len(s.videos)) for s in studies['train']] == [
-      ('S0', 'none', 1), ('S1', 'severe', 2), ('S2', 'mild', 3)]
-  assert studies['test'][1].av_stenosis == 'none'   # "Sclerosis without Stenosis"
-  assert studies['train'][0].videos[0].path == os.path.join(str(tmp_path), 'videos', 'S0_0.avi')
-  assert np.isnan(studies['train'][0].videos[0].plax_prob)   # the column is absent
+def _summary(builder):
+  with open(os.path.join(builder.data_dir, builder_common.SUMMARY_FILE)) as f:
+    return json.load(f)
 
 
-def test_missing_column_names_column_and_file(tmp_path):
-  write_per_split(tmp_path, table_rows())
-  write_csv(tmp_path / 'test.csv', table_rows(), ['acc_num', 'fpath', 'video_num'])   # only test.csv lacks it
-  with pytest.raises(ValueError, match=r"test\.csv: missing required column\(s\) \['av_stenosis'\]"):
-    study_tables.read_study_tables(tmp_path)
+def test_bad_videos_are_rejected_with_reasons_and_colour_is_counted(tmp_path):
+  manual_dir = tmp_path / 'manual'
+  videos = manual_dir / 'videos'
+  rows = write_videos(videos, STUDIES[:3])            # S0 (1 video), S1 (2), S2 (3): all train
+  noisy = cv2.GaussianBlur(np.random.default_rng(0).integers(0, 255, (40, 64, 64), np.uint8), (9, 9), 3)
+  video_io.write_video(videos / 'S2_1.avi', noisy, FPS)
+  full = (videos / 'S2_1.avi').read_bytes()
+  (videos / 'S2_1.avi').write_bytes(full[:len(full) // 2])                                    # half-truncated
+  cv2.imwrite(str(tmp_path / 'still.png'), np.full((64, 80), 90, np.uint8))
+  os.replace(tmp_path / 'still.png', videos / 'S2_2.avi')                                     # PNG renamed
+  video_io.write_video(videos / 'S1_1.avi', np.full((NUM_FRAMES, 32, 32), 60, np.uint8), 1000.0)   # fps 1000
+  video_io.write_video(videos / 'S0_0.avi', np.full((1, 32, 32), 60, np.uint8), FPS)          # one frame
+  writer = cv2.VideoWriter(str(videos / 'S1_0.avi'), cv2.VideoWriter_fourcc(*'MJPG'), FPS, (32, 32), True)
+  for _ in range(NUM_FRAMES):
+    writer.write(np.dstack([np.full((32, 32), v, np.uint8) for v in (20, 60, 230)]))        # colour
+  writer.release()
+  write_csv(manual_dir / 'labels.csv', rows, ['acc_num', 'fpath', 'av_stenosis', 'video_num', 'split'])
+  with pytest.warns(UserWarning, match='echo_studies: skipping'):
+    builder = build_echo_studies(manual_dir, tmp_path / 'data')
+  assert [ex['video_id'] for ex in read_split(builder, 'train')] == [b'S1/0', b'S2/0']
+  rejects = {os.path.basename(r['path']): r['reason'] for r in read_rejects(builder)}
+  assert rejects['S2_1.avi'].startswith('truncated: ') and 'of the 40 frames' in rejects['S2_1.avi']
+  assert rejects['S2_2.avi'].startswith('not a video file (PNG image)')
+  assert rejects['S1_1.avi'].startswith('frame rate 1000 fps outside [5, 500]')
+  assert rejects['S0_0.avi'].startswith('too short: 1 frame(s) (min_frames 16)')
+  assert 'labels.csv:' in rejects['S0_0.avi'] and rejects['study:S0'].endswith('study dropped')
+  counts = _summary(builder)['splits']['train']
+  assert counts['colour_converted'] == 1 and counts['videos_rejected'] == 4 and counts['videos_kept'] == 2
+  assert _summary(builder)['options']['video_checks']['min_frames'] == 16
 
 
-def test_missing_mapped_column_says_where_it_was_mapped_from(tmp_path):
-  rows = [dict(r, label=r['av_stenosis']) for r in table_rows()]
-  write_csv(tmp_path / 'labels.csv', rows, ['acc_num', 'fpath', 'label', 'split'])
-  options = study_tables.StudyTableOptions(columns={'grade': 'av_stenosis'})
-  with pytest.raises(ValueError, match=r"labels\.csv: missing required column.*mapped from 'grade'"):
-    study_tables.read_study_tables(tmp_path, options)
+def test_nothing_usable_fails_with_the_reasons(tmp_path):
+  manual_dir = tmp_path / 'manual'
+  rows = write_videos(manual_dir / 'videos', STUDIES[:1])
+  (manual_dir / 'videos' / 'S0_0.avi').write_bytes(b'%PDF-1.4' + bytes(100))
+  write_per_split(manual_dir, rows)
+  with pytest.warns(UserWarning), pytest.raises(ValueError, match=r'nothing to build.*not a video file x1'):
+    build_echo_studies(manual_dir, tmp_path / 'data')
 
 
-def test_unknown_labels_are_listed_once_each(tmp_path):
-  rows = table_rows()
-  rows[0]['av_stenosis'], rows[1]['av_stenosis'], rows[2]['av_stenosis'] = 'Critical', 'severe?', 'Critical'
-  write_per_split(tmp_path, rows)
-  with pytest.raises(ValueError, match=r"train\.csv: unknown av_stenosis value\(s\).*: 'Critical', 'severe\?'$"):
-    study_tables.read_study_tables(tmp_path)
+def test_view_filter_counts_in_the_summary(tmp_path):
+  manual_dir = tmp_path / 'manual'
+  rows = write_videos(manual_dir / 'videos')   # plax_prob 0.5 + 0.05 * study number
+  write_csv(manual_dir / 'labels.csv', rows, ['acc_num', 'fpath', 'av_stenosis', 'plax_prob', 'split'])
+  builder = build_echo_studies(manual_dir, tmp_path / 'data', min_plax_prob=0.6)
+  train = _summary(builder)['splits']['train']
+  assert train['videos_dropped_view'] == 3 and train['studies_dropped_view'] == 2   # S0 (0.5), S1 (0.55)
+  assert [ex['study_id'] for ex in read_split(builder, 'train')] == [b'S2'] * 3
+  assert all(ex['plax_prob'] >= 0.6 for split in ('val', 'test') for ex in read_split(builder, split))
 
 
-def test_duplicate_rows_are_named(tmp_path):
-  rows = table_rows()
-  rows.append(dict(rows[1], fpath='other.avi'))    # same (S1, 0)
-  write_per_split(tmp_path, rows)
-  with pytest.raises(ValueError, match=r'duplicate \(study, video_num\) rows: \(S1, 0\) x2'):
-    study_tables.read_study_tables(tmp_path)
+def test_fingerprint_refuses_a_stale_dataset_until_rebuilt(tmp_path):
+  manual_dir = tmp_path / 'manual'
+  rows = write_videos(manual_dir / 'videos', STUDIES[:4])
+  columns = ['acc_num', 'fpath', 'av_stenosis', 'split']
+  write_csv(manual_dir / 'labels.csv', rows, columns)
+  data_dir = tmp_path / 'data'
+  builder = build_echo_studies(manual_dir, data_dir)
+  fingerprint = _summary(builder)['fingerprint']
+  assert set(fingerprint['parts']) == {'tables', 'options', 'manifest'} and len(fingerprint['sha256']) == 64
+  assert builder_common.check_fingerprint(builder, manual_dir) is None
+  assert builder_common.check_fingerprint(builder, None) is None                  # nothing to compare with
+  # the builder a run gets by name (its own default config) reads the same dataset
+  by_name = pipeline.get_builder('echo_studies', None, str(data_dir))
+  assert by_name.builder_config.name == 'default' and builder_common.check_fingerprint(by_name, manual_dir) is None
+  rows[0]['av_stenosis'] = 'Severe'                                                # a corrected label
+  write_csv(manual_dir / 'labels.csv', rows, columns)
+  assert builder_common.check_fingerprint(by_name, manual_dir) == (
+      f'the dataset in {builder.data_dir} was built from other inputs: tables: labels.csv changed')
+  with pytest.raises(ValueError, match='tables: labels.csv changed. Pass overwrite=True'):
+    build_echo_studies(manual_dir, data_dir)
+  filtered = Builder(data_dir=str(data_dir), options={'min_plax_prob': 0.5})       # a run's data.min_plax_prob
+  assert 'options: min_plax_prob changed (None → 0.5)' in builder_common.check_fingerprint(filtered, manual_dir)
+  rebuilt = build_echo_studies(manual_dir, data_dir, overwrite=True)
+  assert builder_common.check_fingerprint(rebuilt, manual_dir) is None
+  features = rebuilt.info.features
+  assert features['av_stenosis'].int2str(read_split(rebuilt, 'train')[0]['av_stenosis']) == 'severe'
+  with pytest.raises(TypeError, match=r"unknown echo_studies option\(s\) \['min_plax'\]"):
+    Builder(data_dir=str(data_dir), options={'min_plax': 0.5})
 
 
-def test_same_file_twice_in_a_split_is_an_error(tmp_path):
-  rows = table_rows()
-  rows.append(dict(rows[1], video_num=9))
-  write_per_split(tmp_path, rows)
-  with pytest.raises(ValueError, match=r'video file listed more than once: .*S1_0\.avi'):
-    study_tables.read_study_tables(tmp_path)
+def test_old_build_without_fingerprint_is_named(tmp_path):
+  manual_dir = tmp_path / 'manual'
+  write_per_split(manual_dir, write_videos(manual_dir / 'videos', STUDIES[:1]))
+  builder = build_echo_studies(manual_dir, tmp_path / 'data')
+  summary_path = os.path.join(builder.data_dir, builder_common.SUMMARY_FILE)
+  summary = _summary(builder)
+  del summary['fingerprint']
+  with open(summary_path, 'w') as f:
+    json.dump(summary, f)
+  assert 'records no fingerprint' in builder_common.check_fingerprint(builder, manual_dir)
 
 
-def test_patient_in_two_splits_is_leakage(tmp_path):
-  rows = table_rows()
-  for row in rows:
-    if row['acc_num'] == 'S4':
-      row['patient_id'] = 'P0'     # S4 (test) belongs to S0's (train) patient
-  write_csv(tmp_path / 'labels.csv', rows, ['acc_num', 'fpath', 'av_stenosis', 'patient_id', 'split'])
-  with pytest.raises(ValueError, match=r"patient ids in several splits: P0 \['test', 'train'\]"):
-    study_tables.read_study_tables(tmp_path)
-  allowed = study_tables.StudyTableOptions(allow_cross_split_studies=True)
-  with pytest.warns(UserWarning, match='patient ids in several splits: P0'):
-    studies = study_tables.read_study_tables(tmp_path, allowed)
-  assert studies['test'][0].patient_id == 'P0'
-
-
-def test_study_rows_must_agree_on_label(tmp_path):
-  rows = table_rows()
-  rows[2]['av_stenosis'] = 'None'    # S1's second video
-  write_per_split(tmp_path, rows)
-  with pytest.raises(ValueError, match=r"disagree on av_stenosis: S1 \['none', 'severe'\]"):
-    study_tables.read_study_tables(tmp_path)
-
-
-def test_study_rows_must_agree_on_patient(tmp_path):
-  rows = table_rows()
-  rows[2]['patient_id'] = 'P9'    # S1's second video
-  write_csv(tmp_path / 'labels.csv', rows, ['acc_num', 'fpath', 'av_stenosis', 'patient_id', 'split'])
-  with pytest.raises(ValueError, match=r"disagree on patient_id: S1 \['P1', 'P9'\]"):
-    study_tables.read_study_tables(tmp_path)
-
-
-def test_bad_split_values_and_ambiguous_layout(tmp_path):
-  rows = table_rows()
-  rows[0]['split'] = ''
-  rows[1]['split'] = 'hold out'
-  write_csv(tmp_path / 'labels.csv', rows, ['acc_num', 'fpath', 'av_stenosis', 'split'])
-  with pytest.raises(ValueError, match=r"unusable split value\(s\).*'', 'hold out'"):
-    study_tables.read_study_tables(tmp_path)
-  write_per_split(tmp_path, table_rows())
-  with pytest.raises(ValueError, match='both per-split CSVs'):
-    study_tables.read_study_tables(tmp_path)
-
-
-def test_options_are_validated(tmp_path):
-  with pytest.raises(ValueError, match=r"\['label_column'\]"):
-    study_tables.load_options(tmp_path, {'label_column': 'x'})
-  with pytest.raises(ValueError, match="targets \\['grade'\\]"):
-    study_tables.StudyTableOptions(columns={'label': 'grade'})
-  (tmp_path / study_tables.OPTIONS_FILE).write_text('{"max_frames": 0}')
-  with pytest.raises(ValueError, match='echo_studies.json: max_frames'):
-    study_tables.load_options(tmp_path)
-  assert study_tables.load_options(tmp_path, {'max_frames': 16}).max_frames == 16   # arguments win
-  with pytest.raises(FileNotFoundError, match='no label table'):
-    study_tables.read_study_tables(tmp_path / 'empty')
+def test_project_build_command(tmp_path):
+  """`python -m echojax.data.build` does what `tfds build` does, without the TFDS CLI's extra packages."""
+  manual_dir = tmp_path / 'manual'
+  rows = write_videos(manual_dir / 'videos', STUDIES[:2])
+  write_per_split(manual_dir, rows)
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run(
+      [sys.executable, '-m', 'echojax.data.build', 'echo_studies', '--manual_dir', str(manual_dir),
+       '--data_dir', str(tmp_path / 'data')], cwd=repo, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  built = tmp_path / 'data' / 'echo_studies' / 'default' / '1.0.0'
+  assert 'echo_studies build summary' in result.stdout and f'echo_studies: built in {built}' in result.stdout
+  assert json.loads((built / 'build_summary.json').read_text())['splits']['train']['videos_kept'] == 3
+  # a changed table: refused with the reason, then rebuilt with --overwrite (in-process: no new interpreter)
+  rows[0]['av_stenosis'] = 'Moderate'
+  write_per_split(manual_dir, rows)
+  args = [os.path.join(repo, 'data_builders', 'echo_studies'), '--manual_dir', str(manual_dir),
+          '--data_dir', str(tmp_path / 'data')]
+  assert build.main(args) == 1
+  assert build.main(args + ['--overwrite']) == 0
+  assert build.main(args) == 0                                                   # up to date: reused
+  with pytest.raises(SystemExit):
+    build.main(['no_such_builder', '--data_dir', str(tmp_path / 'data')])
+  with pytest.raises(SystemExit):
+    build.main(['echo_studies', '--config', 'small', '--manual_dir', str(manual_dir)])

@@ -3,6 +3,7 @@ keyed by accession number or StudyInstanceUID → records with salted ids, rejec
 and a conversion cache that a rebuild reuses."""
 import contextlib
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -140,16 +141,19 @@ def test_accession_keyed_build_rejects(dicom_builds):
   converted = os.path.join(str(manual_dir), study_tables.StudyTableOptions().converted_dir)
   manifest = {r['study_id']: r for r in convert_dicom.read_manifest(converted)}
   study_c = dicom.study_key(IDS['C'][0], SALT)
-  # the converter's rejects are named by their salted source_key; the cache's rejected.csv has their paths
-  key_of = {r['path']: r['source_key'] for r in convert_dicom.read_rejects(converted)}
-  short, text = (f'dicom:{key_of[os.path.join(*p)]}' for p in [(EXPORT_UID, 'IM0001'), ('exam4', 'readme.txt')])
+  # the converter's rejects are named by their salted source_key (its --key-map maps them to paths)
+  def key_of(*parts):   # the converter's salted name of an input file
+    stat = os.stat(os.path.join(manual_dir, 'dicom', *parts))
+    return convert_dicom.source_key(os.path.join(*parts), stat.st_size, stat.st_mtime_ns, SALT)
+
+  short, text = (f'dicom:{key_of(*p)}' for p in [(EXPORT_UID, 'IM0001'), ('exam4', 'readme.txt')])
   assert set(rejects) == {'labels.csv:3', 'labels.csv:5', manifest[study_c]['path'], short, text}
   assert rejects['labels.csv:3'] == (f'no usable DICOM cine for this study (accession_number hash '
                                      f'{dicom.study_key(IDS["D"][1], SALT)})')
   assert rejects['labels.csv:5'].startswith('no usable DICOM cine for this study')
   assert rejects[manifest[study_c]['path']] == f'no label row for this converted cine (study {study_c})'
   assert rejects[short].startswith('DICOM file not converted: cine too short')
-  assert rejects[text] == f'DICOM file not converted: not a DICOM file (path in {converted}/rejected.csv)'
+  assert rejects[text] == 'DICOM file not converted: not a DICOM file'
 
 
 def test_uid_keyed_build_with_mapped_columns_reuses_the_conversion(dicom_builds):
@@ -217,9 +221,9 @@ def test_salt_is_required_and_must_match(dicom_builds, tmp_path, monkeypatch):
     build_echo_studies(manual_dir, tmp_path / 'data')
   assert not (tmp_path / 'data' / 'echo_studies' / 'default' / '1.0.0').exists()
   with pytest.raises(ValueError, match='different salt'):   # the cache was converted with SALT
-    build_echo_studies(manual_dir, tmp_path / 'data', salt='another-salt')
+    build_echo_studies(manual_dir, tmp_path / 'data', salt='another-salt-4f9c2e')
   with pytest.raises(ValueError, match='overwrite=True'):   # the built dataset records SALT's fingerprint
-    build_echo_studies(manual_dir, dicom_builds['data_dir'], salt='another-salt')
+    build_echo_studies(manual_dir, dicom_builds['data_dir'], salt='another-salt-4f9c2e')
   assert build_echo_studies(manual_dir, dicom_builds['data_dir']).info.splits['test'].num_examples == 1
 
 
@@ -248,7 +252,9 @@ def test_label_tables_per_split_and_key_columns(tmp_path):
             ['accession_number', 'study_instance_uid', 'av_stenosis'])
   write_csv(tmp_path / 'test.csv', [dict(study_instance_uid='1.2.4', av_stenosis='mild')],
             ['study_instance_uid', 'av_stenosis'])
-  labels = study_tables.read_study_labels(tmp_path, options)
+  with pytest.raises(ValueError, match=r'train\.csv: blank av_stenosis cells .*train\.csv line 3'):
+    study_tables.read_study_labels(tmp_path, options)
+  labels = study_tables.read_study_labels(tmp_path, dataclasses.replace(options, label_map={'': 'unknown'}))
   assert [(s, l.key_column, l.key, l.av_stenosis, l.source) for s, ls in labels.items() for l in ls] == [
       ('train', 'accession_number', 'X1', 'severe', 'train.csv:2'),
       ('train', 'study_instance_uid', '1.2.3', 'unknown', 'train.csv:3'),   # the UID wins
@@ -270,8 +276,8 @@ def test_label_table_errors_name_lines_not_identifiers(tmp_path):
   with pytest.raises(ValueError) as raised:
     study_tables.read_study_labels(tmp_path, options)
   message = str(raised.value)
-  assert 'empty study_instance_uid and accession_number on line(s): 3' in message
-  assert 'more than once (same accession_number): labels.csv:2 and labels.csv:4' in message
+  assert 'labels.csv: empty study_instance_uid and accession_number: labels.csv line 3' in message
+  assert 'studies listed more than once (same accession_number): labels.csv lines 2, 4' in message
   assert 'QSECRET1' not in message
 
 

@@ -10,9 +10,9 @@ import tensorflow_datasets as tfds
 
 from data_builders.echonet_dynamic import Builder as DynamicBuilder
 from data_builders.echonet_lvh import Builder as LVHBuilder
-from echojax.data import video_io
+from echojax.data import builder_common, video_io
 
-NUM_FRAMES = 12
+NUM_FRAMES = 16   # VideoChecks().min_frames
 
 
 def _write_csv(path, columns, rows):
@@ -49,7 +49,7 @@ DYNAMIC_COLUMNS = ['FileName', 'EF', 'ESV', 'EDV', 'FrameHeight', 'FrameWidth', 
 
 
 @pytest.fixture(scope='module')
-def dynamic(tmp_path_factory):
+def dynamic_build(tmp_path_factory):
   manual = tmp_path_factory.mktemp('dynamic')
   rows = [
       ['0X1A', '60.5', '30', '76', '112', '112', '50', '12', 'TRAIN'],
@@ -68,7 +68,12 @@ def dynamic(tmp_path_factory):
       ['0X3C.avi', 1, 2, 3, 4, 5]])
   with pytest.warns(UserWarning, match='skipping'):
     builder = _build(DynamicBuilder, manual, tmp_path_factory.mktemp('dynamic_out'))
-  return builder
+  return builder, str(manual)
+
+
+@pytest.fixture(scope='module')
+def dynamic(dynamic_build):
+  return dynamic_build[0]
 
 
 def test_dynamic_records_labels_and_splits(dynamic):
@@ -95,8 +100,24 @@ def test_dynamic_rejects_and_summary(dynamic):
   assert rejects['0XMISSING.avi'].startswith('file not found')
   with open(os.path.join(dynamic.data_dir, 'build_summary.json')) as f:
     summary = json.load(f)
-  assert summary['splits']['train'] == dict(listed=3, kept=2, rejected=1, traced=1)
-  assert summary['rejected'] == 2
+  assert summary['splits']['train'] == dict(listed=3, kept=2, rejected=1, traced=1, colour_converted=0,
+                                            frames_missing=0)
+  assert summary['rejected'] == 2 and summary['video_checks'] == video_io.VideoChecks().to_dict()
+  assert rejects['0XCORRUPT.avi'].startswith('not a video file')
+
+
+def test_dynamic_fingerprint_follows_the_file_list(dynamic_build):
+  dynamic, manual_dir = dynamic_build
+  assert builder_common.check_fingerprint(dynamic, manual_dir) is None
+  file_list = os.path.join(manual_dir, 'FileList.csv')
+  original = open(file_list).read()
+  try:
+    with open(file_list, 'w') as f:
+      f.write(original.replace('60.5', '61.5'))   # an EF corrected
+    assert builder_common.check_fingerprint(dynamic, manual_dir).endswith('tables: FileList.csv changed')
+  finally:
+    with open(file_list, 'w') as f:
+      f.write(original)
 
 
 @pytest.mark.parametrize('bad, message', [
@@ -143,12 +164,14 @@ def lvh(tmp_path_factory):
       _m(5, 'v1', 'AoRoot', '3.0', '5', 'train'),       # unknown Calc: counted, ignored
       _m(6, 'v2', 'LVIDd', '5.2', '7', 'val', fps=''),
       _m(7, 'v3', 'IVSd', '1.3', '2', 'test'),
-      _m(8, 'v_missing', 'IVSd', '1.3', '2', 'train'),
+      _m(8, 'v4', 'IVSd', '1.3', '2', 'test'),           # a 3-frame video: rejected (min_frames)
+      _m(9, 'v_missing', 'IVSd', '1.3', '2', 'train'),
   ]
   _write_csv(manual / 'MeasurementsList.csv', LVH_COLUMNS, rows)
   _video(str(manual / 'Batch1' / 'v1.avi'), 100, shape=(120, 160), frames=20)
   _video(str(manual / 'Batch3' / 'v2.avi'), 150, shape=(120, 160), frames=20)
   _video(str(manual / 'Batch4' / 'v3.avi'), 200, shape=(120, 160), frames=20)
+  _video(str(manual / 'Batch4' / 'v4.avi'), 200, shape=(120, 160), frames=3)
   with pytest.warns(UserWarning):
     builder = _build(LVHBuilder, manual, tmp_path_factory.mktemp('lvh_out'))
   return builder
@@ -172,12 +195,15 @@ def test_lvh_pivoted_measurements(lvh):
 
 def test_lvh_rejects_and_summary(lvh):
   rejects = _rejects(lvh)
-  assert [r['path'] for r in rejects] == ['Batch*/v_missing.avi']
+  assert [os.path.basename(r['path']) for r in rejects] == ['v_missing.avi', 'v4.avi']
   assert rejects[0]['reason'].startswith('not found in any Batch folder')
   with open(os.path.join(lvh.data_dir, 'build_summary.json')) as f:
     summary = json.load(f)
   assert summary['duplicate_measurements'] == 1 and summary['unknown_calcs'] == {'AoRoot': 1}
-  assert summary['splits']['train'] == dict(listed=2, kept=1, rejected=1)
+  assert summary['splits']['train'] == dict(listed=2, kept=1, rejected=1, colour_converted=0, frames_missing=0)
+  assert summary['splits']['test'] == dict(listed=2, kept=1, rejected=1, colour_converted=0, frames_missing=0)
+  assert [r['reason'] for r in rejects[1:]] == ['too short: 3 frame(s) (min_frames 16) [test]']
+  assert summary['fingerprint']['parts']['options']['max_frames'] == 100
 
 
 @pytest.mark.parametrize('bad, message', [

@@ -1,4 +1,5 @@
-"""Tests of echojax.data.video_io: AVI/MP4 round trips, gray conversion, pad+resize, fps, read errors."""
+"""Tests of echojax.data.video_io: AVI/MP4 round trips, gray conversion, pad+resize, fps, read errors, and the
+build checks (non-video files, truncation, too few frames, implausible fps, colour)."""
 import os
 
 import cv2
@@ -105,7 +106,8 @@ def test_default_fps_when_container_has_none(tmp_path, monkeypatch):
 @pytest.mark.parametrize('make, reason', [
     (lambda p: None, 'file not found'),
     (lambda p: p.write_bytes(b''), 'empty file'),
-    (lambda p: p.write_bytes(np.random.default_rng(0).bytes(4000)), 'cannot open'),
+    (lambda p: p.write_bytes(np.random.default_rng(0).bytes(4000)), 'not a video file (unrecognised content)'),
+    (lambda p: p.write_bytes(b'RIFF\x00\x00\x00\x00AVI LIST' + bytes(4000)), 'cannot open'),
     (lambda p: video_io.write_video(p, np.zeros((0, 32, 32), np.uint8), fps=25), 'no decodable frames'),
     (lambda p: p.mkdir(), 'not a regular file'),
 ])
@@ -137,3 +139,80 @@ def test_opencv_errors_become_video_read_errors(tmp_path, monkeypatch):
   monkeypatch.setattr(video_io.cv2, 'VideoCapture', failing_capture)
   with pytest.raises(video_io.VideoReadError, match='OpenCV error: .*decoder exploded'):
     video_io.read_video(path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Build checks (VideoChecks)
+
+CHECKS = video_io.VideoChecks()
+
+
+def _write(path, num_frames=40, fps=25.0, size=32):
+  video_io.write_video(path, _smooth_frames(num_frames, size, size), fps=fps)
+  return path
+
+
+def test_checked_read_counts_every_frame_but_keeps_max_frames(tmp_path):
+  got = video_io.read_video(_write(tmp_path / 'a.avi'), max_frames=10, size=32, checks=CHECKS)
+  assert got.frames.shape == (10, 32, 32) and got.truncated
+  assert got.source_frames == 40 and got.frames_missing == 0 and not got.colour
+  assert video_io.read_video(tmp_path / 'a.avi', max_frames=10, size=32).source_frames is None
+
+
+def test_half_truncated_avi_is_rejected_and_a_small_loss_is_flagged(tmp_path):
+  data = _write(tmp_path / 'a.avi').read_bytes()
+  (tmp_path / 'half.avi').write_bytes(data[:len(data) // 2])
+  with pytest.raises(video_io.VideoReadError, match=r'truncated: \d+ of the 40 frames'):
+    video_io.read_video(tmp_path / 'half.avi', max_frames=10, checks=CHECKS)   # the cut is after frame 10
+  assert video_io.read_video(tmp_path / 'half.avi', max_frames=10).frames.shape[0] == 10   # unchecked: as before
+  frame_bytes = len(data) // 40
+  (tmp_path / 'short.avi').write_bytes(data[:len(data) - 2 * frame_bytes])
+  got = video_io.read_video(tmp_path / 'short.avi', checks=CHECKS)
+  assert 1 <= got.frames_missing <= 3 and got.source_frames + got.frames_missing == 40
+
+
+def test_files_that_are_no_video_are_rejected_by_content(tmp_path):
+  png = tmp_path / 'still.avi'
+  cv2.imwrite(str(tmp_path / 'still.png'), _smooth_frames(1, 32, 32)[0])
+  os.replace(tmp_path / 'still.png', png)
+  with pytest.raises(video_io.VideoReadError, match=r'not a video file \(PNG image\)'):
+    video_io.read_video(png)
+  (tmp_path / 'doc.avi').write_bytes(b'%PDF-1.4 ...' + bytes(300))
+  with pytest.raises(video_io.VideoReadError, match='PDF document'):
+    video_io.read_video(tmp_path / 'doc.avi')
+  (tmp_path / 'x.dcm.avi').write_bytes(bytes(128) + b'DICM' + bytes(300))
+  with pytest.raises(video_io.VideoReadError, match='DICOM file'):
+    video_io.read_video(tmp_path / 'x.dcm.avi')
+  assert video_io.sniff_container(str(_write(tmp_path / 'ok.mp4'))) is None
+
+
+@pytest.mark.parametrize('fps', [0.01, 1000.0])
+def test_implausible_frame_rates_are_rejected(tmp_path, fps):
+  path = _write(tmp_path / 'a.avi', num_frames=20, fps=fps)
+  with pytest.raises(video_io.VideoReadError, match=f'frame rate {fps:g} fps outside \\[5, 500\\]'):
+    video_io.read_video(path, checks=CHECKS)
+  assert video_io.read_video(path).fps == pytest.approx(fps)   # unchecked reads still return it
+
+
+def test_one_frame_and_short_videos_are_rejected(tmp_path):
+  for frames in (1, 15):
+    with pytest.raises(video_io.VideoReadError, match=f'too short: {frames} frame'):
+      video_io.read_video(_write(tmp_path / f'{frames}.avi', num_frames=frames), checks=CHECKS)
+  assert video_io.read_video(_write(tmp_path / '16.avi', num_frames=16), checks=CHECKS).source_frames == 16
+  loose = video_io.VideoChecks(min_frames=1)
+  assert video_io.read_video(tmp_path / '1.avi', checks=loose).frames.shape[0] == 1
+  with pytest.raises(ValueError, match='min_fps < max_fps'):
+    video_io.VideoChecks(min_fps=50, max_fps=10)
+
+
+def test_colour_video_is_converted_and_marked(tmp_path):
+  path = str(tmp_path / 'colour.avi')
+  writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*'MJPG'), 25.0, (32, 32), True)
+  for frame in _smooth_frames(20, 32, 32):
+    bgr = np.stack([frame, frame, frame], -1)
+    bgr[8:24, 8:24] = (20, 40, 230)   # a red colour-flow patch
+    writer.write(bgr)
+  writer.release()
+  got = video_io.read_video(path, checks=CHECKS)
+  assert got.colour and got.frames.ndim == 3
+  assert not video_io.read_video(_write(tmp_path / 'gray.avi'), checks=CHECKS).colour

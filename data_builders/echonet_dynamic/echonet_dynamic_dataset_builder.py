@@ -7,9 +7,11 @@ Manual dir (the dataset as Stanford distributes it, after accepting its licence)
 One record per video (echojax.data.records schema; each video is its own study, AS grade unknown) with extra
 features ef, esv, edv (float32, NaN when empty) and traced_frames (int32 [2]: the traced frame numbers in the
 order VolumeTracings.csv lists them, -1 when absent; they index the source video, so a number may be >=
-num_frames when the video was cut to max_frames). Videos listed but missing or unreadable are skipped and
-listed in `<data_dir>/rejects.csv`; `build_summary.json` holds the counts.
-Build: `tfds build data_builders/echonet_dynamic --manual_dir=DIR --data_dir=OUT` or
+num_frames when the video was cut to max_frames). Videos listed but missing, unreadable or failing the build
+checks (video_io.VideoChecks: truncated, too short, implausible fps) are skipped and listed in
+`<data_dir>/rejects.csv`; `build_summary.json` holds the counts (colour videos converted to gray included) and
+the fingerprint of FileList.csv/VolumeTracings.csv and the options (builder_common.check_fingerprint).
+Build: `python -m echojax.data.build echonet_dynamic --manual_dir=DIR --data_dir=OUT` or
 `Builder(data_dir=OUT).download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=DIR))`.
 """
 from __future__ import annotations
@@ -18,19 +20,13 @@ import collections
 import dataclasses
 import math
 import os
-import pathlib
-import sys
 import warnings
 from typing import Dict, List, Optional
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-try:
-  from echojax.data import builder_common, records, video_io
-except ImportError:  # `tfds build data_builders/echonet_dynamic` puts only data_builders/ on sys.path
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
-  from echojax.data import builder_common, records, video_io
+from echojax.data import builder_common, records, video_io
 
 FILE_LIST = 'FileList.csv'
 TRACINGS = 'VolumeTracings.csv'
@@ -129,24 +125,29 @@ class Builder(builder_common.ReportingBuilder, tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     manual_dir = os.fspath(dl_manager.manual_dir)
     by_split = read_file_list(manual_dir)
-    self._rejects, self._summary = [], {}
+    self._rejects, self._summary, self._flagged = [], {}, []
     return builder_common.drop_empty_splits(
         {split: self._generate_examples(manual_dir, split, entries) for split, entries in by_split.items()},
         self._rejects, listed={split: len(entries) for split, entries in by_split.items()})
 
   def _generate_examples(self, manual_dir: str, split: str, entries: List[VideoEntry]):
-    counts = self._summary.setdefault(split, dict(listed=len(entries), kept=0, rejected=0, traced=0))
+    counts = self._summary.setdefault(split, dict(listed=len(entries), kept=0, rejected=0, traced=0,
+                                                  colour_converted=0, frames_missing=0))
     study_index = 0
     for entry in entries:
       path = os.path.join(manual_dir, VIDEOS_DIR, entry.stem + '.avi')
       try:
-        decoded = video_io.read_video(path, max_frames=self.builder_config.max_frames)
+        decoded = video_io.read_video(path, max_frames=self.builder_config.max_frames,
+                                     checks=self.video_checks)
       except video_io.VideoReadError as e:
         warnings.warn(f'echonet_dynamic: skipping {path}: {e.reason}')
         self._rejects.append((path, f'{e.reason} [{split}]'))
         counts['rejected'] += 1
         continue
       traced = (entry.traced_frames + [-1, -1])[:2]
+      note = builder_common.count_video_flags(counts, decoded)
+      if note:
+        self._flagged.append((path, f'{note} [{split}]'))
       counts['kept'] += 1
       counts['traced'] += len(entry.traced_frames) == 2
       yield entry.stem, records.make_record(
@@ -157,4 +158,10 @@ class Builder(builder_common.ReportingBuilder, tfds.core.GeneratorBasedBuilder):
       study_index += 1
 
   def _build_summary(self):
-    return {'splits': self._summary, 'rejected': len(self._rejects), 'max_frames': self.builder_config.max_frames}
+    return {'splits': self._summary, 'rejected': len(self._rejects), 'max_frames': self.builder_config.max_frames,
+            'video_checks': self.video_checks.to_dict(), 'flagged': self._flagged}
+
+  def fingerprint_parts(self, manual_dir):
+    tables = [t for t in (FILE_LIST, TRACINGS) if os.path.exists(os.path.join(manual_dir, t))]
+    return {'tables': {t: builder_common.file_sha256(os.path.join(manual_dir, t)) for t in tables},
+            'options': {'max_frames': self.builder_config.max_frames, **self.video_checks.to_dict()}}

@@ -8,8 +8,10 @@ Manual dir (the dataset as Stanford distributes it):
 One record per video (echojax.data.records schema; each video its own study, AS unknown), measurements
 pivoted per video: float32 features ivsd, lvidd, lvpwd, ivss, lvids, lvpws (NaN when absent) and int32
 <calc>_frame (the measured frame of the source video, -1 when absent). The PLAX pretraining corpus. Videos
-listed but missing from every Batch folder or unreadable go to `<data_dir>/rejects.csv`; duplicate and unknown
-measurements are counted in `build_summary.json`.
+listed but missing from every Batch folder, unreadable or failing the build checks (video_io.VideoChecks) go
+to `<data_dir>/rejects.csv`; duplicate and unknown measurements are counted in `build_summary.json`, which
+also holds the fingerprint of MeasurementsList.csv and the options.
+Build: `python -m echojax.data.build echonet_lvh --manual_dir=DIR --data_dir=OUT`.
 """
 from __future__ import annotations
 
@@ -17,20 +19,14 @@ import collections
 import dataclasses
 import math
 import os
-import pathlib
 import re
-import sys
 import warnings
 from typing import Dict, List, Optional
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-try:
-  from echojax.data import builder_common, records, video_io
-except ImportError:  # `tfds build data_builders/echonet_lvh` puts only data_builders/ on sys.path
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
-  from echojax.data import builder_common, records, video_io
+from echojax.data import builder_common, records, video_io
 
 MEASUREMENTS = 'MeasurementsList.csv'
 REQUIRED_COLUMNS = ('HashedFileName', 'Calc', 'CalcValue', 'Frame', 'split')
@@ -147,7 +143,7 @@ class Builder(builder_common.ReportingBuilder, tfds.core.GeneratorBasedBuilder):
     manual_dir = os.fspath(dl_manager.manual_dir)
     measurements = read_measurements(manual_dir)
     index = index_batches(manual_dir)
-    self._rejects = []
+    self._rejects, self._flagged = [], []
     self._summary = {'splits': {}, 'duplicate_measurements': measurements.duplicates,
                      'unknown_calcs': measurements.unknown_calcs}
     by_split = measurements.by_split
@@ -156,14 +152,16 @@ class Builder(builder_common.ReportingBuilder, tfds.core.GeneratorBasedBuilder):
         self._rejects, listed={split: len(videos) for split, videos in by_split.items()})
 
   def _generate_examples(self, index: Dict[str, str], split: str, videos: List[LVHVideo]):
-    counts = self._summary['splits'].setdefault(split, dict(listed=len(videos), kept=0, rejected=0))
+    counts = self._summary['splits'].setdefault(split, dict(listed=len(videos), kept=0, rejected=0,
+                                                            colour_converted=0, frames_missing=0))
     study_index = 0
     for video in videos:
       path = index.get(video.name)
       try:
         if path is None:
           raise video_io.VideoReadError(f'Batch*/{video.name}.avi', 'not found in any Batch folder')
-        decoded = video_io.read_video(path, max_frames=self.builder_config.max_frames)
+        decoded = video_io.read_video(path, max_frames=self.builder_config.max_frames,
+                                     checks=self.video_checks)
       except video_io.VideoReadError as e:
         warnings.warn(f'echonet_lvh: skipping {e.path}: {e.reason}')
         self._rejects.append((e.path, f'{e.reason} [{split}]'))
@@ -173,6 +171,9 @@ class Builder(builder_common.ReportingBuilder, tfds.core.GeneratorBasedBuilder):
       for calc in CALCS:
         extra[calc.lower()] = np.float32(video.values.get(calc, float('nan')))
         extra[f'{calc.lower()}_frame'] = np.int32(video.frames.get(calc, -1))
+      note = builder_common.count_video_flags(counts, decoded)
+      if note:
+        self._flagged.append((path, f'{note} [{split}]'))
       counts['kept'] += 1
       yield video.name, records.make_record(
           video=decoded.frames, fps=video.fps or decoded.fps, video_id=video.name, study_id=video.name,
@@ -180,4 +181,9 @@ class Builder(builder_common.ReportingBuilder, tfds.core.GeneratorBasedBuilder):
       study_index += 1
 
   def _build_summary(self):
-    return dict(self._summary, rejected=len(self._rejects), max_frames=self.builder_config.max_frames)
+    return dict(self._summary, rejected=len(self._rejects), max_frames=self.builder_config.max_frames,
+                video_checks=self.video_checks.to_dict(), flagged=self._flagged)
+
+  def fingerprint_parts(self, manual_dir):
+    return {'tables': {MEASUREMENTS: builder_common.file_sha256(os.path.join(manual_dir, MEASUREMENTS))},
+            'options': {'max_frames': self.builder_config.max_frames, **self.video_checks.to_dict()}}

@@ -5,16 +5,14 @@ Only salted hashes of identifiers leave this module (in studies, rejects and mes
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import os
 from typing import Dict, List, Optional, Tuple
 
-from echojax.data import convert_dicom, dicom, records, study_tables
+from echojax.data import builder_common, convert_dicom, dicom, study_tables
+from echojax.data.registry import NO_CINE, NO_LABEL, join_labels  # noqa: F401 (the join, shared with registry)
 
 SALT_ENV = 'ECHOJAX_DICOM_SALT'
-NO_CINE = 'no usable DICOM cine for this study'
-NO_LABEL = 'no label row for this converted cine'
 
 
 def find_salt(options: study_tables.StudyTableOptions) -> Optional[str]:
@@ -31,8 +29,12 @@ def require_salt(options: study_tables.StudyTableOptions) -> str:
 
 
 def salt_fingerprint(salt: str) -> str:
-  """The converter's salt check (conversion.json): tells builds with different salts apart."""
-  return dicom.study_key('echojax-salt-check', salt)
+  """A slow (scrypt), fixed-nonce check of the salt: tells builds with different salts apart in
+  build_summary.json without giving a fast hash from which a short salt could be recovered."""
+  return convert_dicom.salt_check(salt, nonce=_FINGERPRINT_NONCE)['hash']
+
+
+_FINGERPRINT_NONCE = "echojax-build-summary-salt-check"
 
 
 @dataclasses.dataclass
@@ -54,13 +56,13 @@ def prepare(manual_dir, options: study_tables.StudyTableOptions, *, progress: bo
   conversion = convert_dicom.convert_dicom_folder(
       dicom_dir, converted_dir, salt=salt, max_frames=options.max_frames, progress=progress,
       **options.dicom_options)
-  # Export paths are often made of UIDs: the dataset's rejects name a file by the converter's salted
-  # source_key; its path is in the cache's rejected.csv, which stays next to the inputs.
-  listing = os.path.join(converted_dir, 'rejected.csv')
-  rejects = [(f'dicom:{row["source_key"]}', f'DICOM file not converted: {row["reason"]} (path in {listing})')
+  # Export paths are often made of names and UIDs: a rejected file is named by the converter's salted
+  # source_key (convert_dicom's --key-map maps it back to its path).
+  rejects = [(f'dicom:{row["source_key"]}', f'DICOM file not converted: {row["reason"]}')
              for row in convert_dicom.read_rejects(converted_dir)]
   studies, join_rejects = join_labels(labels, convert_dicom.read_manifest(converted_dir), salt)
-  study_tables.check_leakage(studies, options)
+  studies = study_tables.select_videos(studies, options.min_plax_prob, options.views)
+  study_tables.check_leakage(studies, options.allow_cross_split_studies)
   summary = dict(converted=conversion['converted'], skipped_already_done=conversion['skipped'],
                  cache_videos=conversion['total_videos'], dicom_rejected=len(rejects),
                  labels_without_cine=sum(reason.startswith(NO_CINE) for _, reason in join_rejects),
@@ -68,50 +70,9 @@ def prepare(manual_dir, options: study_tables.StudyTableOptions, *, progress: bo
   return DicomStudies(studies=studies, rejects=rejects + join_rejects, summary=summary)
 
 
-def join_labels(labels: Dict[str, List[study_tables.StudyLabel]], manifest: List[dict], salt: str):
-  """({split: [Study]}, rejects). A label row names every converted study with its UID's hash (or, keyed by
-  accession, its accession's hash; one accession may cover several StudyInstanceUIDs, each its own study).
-  Study and patient ids are salted hashes; a study named by two label rows is an error."""
-  videos_of = collections.defaultdict(list)         # study_id → manifest rows (sorted by video_num)
-  studies_of_accession = collections.defaultdict(set)
-  for row in manifest:
-    videos_of[row['study_id']].append(row)
-    if row['accession_key']:
-      studies_of_accession[row['accession_key']].add(row['study_id'])
-  claimed: Dict[str, str] = {}
-  studies: Dict[str, List[study_tables.Study]] = {}
-  rejects, errors = [], []
-  for split, split_labels in labels.items():
-    studies[split] = []
-    for label in split_labels:
-      key = dicom.study_key(label.key, salt)
-      if label.key_column == 'study_instance_uid':
-        study_ids = [key] if key in videos_of else []
-      else:
-        study_ids = sorted(studies_of_accession.get(key, ()))
-      if not study_ids:
-        rejects.append((label.source, f'{NO_CINE} ({label.key_column} hash {key})'))
-        continue
-      patient_id = dicom.study_key(label.patient_id, salt) if label.patient_id else ''
-      for study_id in study_ids:
-        if study_id in claimed:
-          errors.append(f'{claimed[study_id]} and {label.source} (study {study_id})')
-          continue
-        claimed[study_id] = label.source
-        videos = sorted(videos_of[study_id], key=lambda r: r['video_num'])
-        if len(videos) > records.MAX_VIDEOS_PER_STUDY:
-          errors.append(f'{label.source}: study {study_id} has {len(videos)} cines '
-                        f'(max {records.MAX_VIDEOS_PER_STUDY})')
-        studies[split].append(study_tables.Study(
-            study_id=study_id, patient_id=patient_id, av_stenosis=label.av_stenosis, videos=[
-                study_tables.VideoEntry(path=row['path'], fpath=row['fpath'], video_num=str(row['video_num']),
-                                        plax_prob=float('nan'), source=label.source,
-                                        fps_is_default=row['fps_source'] == 'default')
-                for row in videos]))
-  if errors:
-    raise ValueError('label rows that name the same DICOM study (e.g. by UID and by accession number), or '
-                     'too many cines:\n  ' + '\n  '.join(errors))
-  for study_id, rows in videos_of.items():
-    if study_id not in claimed:
-      rejects.extend((row['path'], f'{NO_LABEL} (study {study_id})') for row in rows)
-  return studies, rejects
+def fingerprint_parts(manual_dir, options: study_tables.StudyTableOptions) -> Dict[str, Optional[str]]:
+  """The DICOM folder's listing digest (new, removed or rewritten files change it) and the salt's check
+  (None without a salt at hand: reading a built dataset does not need one, so it is then not compared)."""
+  salt = find_salt(options)
+  return {'dicom_files': builder_common.tree_digest(os.path.join(os.fspath(manual_dir), options.dicom_dir)),
+          'salt_check': salt_fingerprint(salt) if salt else None}

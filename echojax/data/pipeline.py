@@ -78,9 +78,15 @@ def builder_config_names(name: str) -> list[str]:
   return [c.name for c in configs]
 
 
-def get_builder(name: str, builder_config: Optional[str] = None, data_dir: Optional[str] = None):
+def run_option_names(name: str) -> tuple[str, ...]:
+  """Data-config keys a run hands the project's builder `name` as `Builder(options=...)` (view filters)."""
+  return tuple(getattr(getattr(_builder_module(name), 'Builder', None), 'RUN_OPTIONS', ()))
+
+
+def get_builder(name: str, builder_config: Optional[str] = None, data_dir: Optional[str] = None,
+                **builder_kwargs):
   """The project's builder `name` (data_builders/<name>), else a TFDS-registered one."""
-  kwargs = dict(data_dir=data_dir)
+  kwargs = dict(data_dir=data_dir, **builder_kwargs)
   if builder_config:
     kwargs['config'] = builder_config
   module = _builder_module(name)

@@ -17,18 +17,18 @@ FRAME_SIZE = 112
 MAX_VIDEOS_PER_STUDY = 1023  # the pipeline packs (study_index, n_videos) into one int64 key
 AV_STENOSIS_NAMES = ('none', 'mild', 'moderate', 'severe', 'unknown')
 # Spellings seen in the wild (the seed paper's CSVs: None/Mild/Moderate/Severe, "Sclerosis without Stenosis").
+# A blank cell is not a grade: tables must say "unknown" or map blanks explicitly (label_csv.make_label_map).
 AV_STENOSIS_ALIASES = {
     'none': 'none', 'no': 'none', 'normal': 'none', 'sclerosis without stenosis': 'none',
-    'sclerosis': 'none', 'mild': 'mild', 'moderate': 'moderate', 'severe': 'severe',
-    'unknown': 'unknown', '': 'unknown', 'nan': 'unknown',
+    'sclerosis': 'none', 'mild': 'mild', 'moderate': 'moderate', 'severe': 'severe', 'unknown': 'unknown',
 }
 
 
 def normalize_av_stenosis(value: Any) -> Optional[str]:
-  """Maps a raw AS grade to one of AV_STENOSIS_NAMES; None when the value is not recognised."""
+  """Maps a raw AS grade to one of AV_STENOSIS_NAMES; None when the value is not recognised (blank included)."""
   if value is None or (isinstance(value, float) and math.isnan(value)):
-    return 'unknown'
-  return AV_STENOSIS_ALIASES.get(str(value).strip().lower())
+    return None
+  return AV_STENOSIS_ALIASES.get(' '.join(str(value).lower().split()))
 
 
 def severe_as_label(grade: str) -> int:

@@ -1,7 +1,7 @@
 """Reads and validates the label tables of a user's own echo studies (the seed paper's layout, or one row per
 study keyed by accession number / StudyInstanceUID for the DICOM source) for the `echo_studies` TFDS builder.
-Everything is checked before any video is opened: required columns, AS labels, duplicate rows,
-studies/patients/files shared between splits. Plain `csv` (pandas is not a dependency).
+Everything is checked before any video is opened (label_csv does the cell-level work); every problem names
+its file, line and value. Leakage and view selection live in study_checks.
 """
 from __future__ import annotations
 
@@ -9,39 +9,43 @@ import collections
 import csv
 import dataclasses
 import json
-import math
 import os
-import re
-import warnings
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-from echojax.data import records
+from echojax.data import label_csv, video_io
+from echojax.data.study_checks import Study, SplitStudies, VideoEntry, check_leakage, select_videos  # noqa: F401
 
-# Canonical column names (the seed paper's) plus optional patient/split columns and the DICOM source's keys.
-CANONICAL_COLUMNS = ('acc_num', 'fpath', 'av_stenosis', 'video_num', 'plax_prob', 'patient_id', 'split',
+# Canonical column names (the seed paper's) plus optional patient/split/view columns and the DICOM source's.
+CANONICAL_COLUMNS = ('acc_num', 'fpath', 'av_stenosis', 'video_num', 'plax_prob', 'patient_id', 'split', 'view',
                      'accession_number', 'study_instance_uid')
 REQUIRED_COLUMNS = ('acc_num', 'fpath', 'av_stenosis')
+STUDY_ID_ALIAS = 'study_id'   # convert_dicom's labels.csv names the study column so; read as acc_num
 # A DICOM-source label table needs one of these; a row giving both is joined on the UID (exact study).
 DICOM_KEY_COLUMNS = ('study_instance_uid', 'accession_number')
 SOURCES = ('videos', 'dicom')
 DICOM_CONVERTER_OPTIONS = ('workers', 'min_frames', 'min_fps', 'allow_color')   # convert_dicom_folder's
-SPLIT_FILES = ('train', 'val', 'test', 'ext_test')   # `<split>.csv`, read in this order
+SPLIT_FILES = label_csv.SPLITS   # `<split>.csv`, read in this order
 DEFAULT_SINGLE_TABLE = 'labels.csv'                    # one table with a `split` column
+CONVERTER_MANIFEST = 'manifest.csv'                    # present when manual_dir is a convert_dicom output
 OPTIONS_FILE = 'echo_studies.json'
-_SPLIT_ALIASES = {'validation': 'val', 'valid': 'val', 'dev': 'val'}
-_SPLIT_NAME = re.compile(r'^[a-z][a-z0-9_]*$')
-_MAX_LISTED = 20  # offending values listed in an error message
 
 
 @dataclasses.dataclass(frozen=True)
 class StudyTableOptions:
   """How to read a manual_dir. `columns` maps a CSV column name to a canonical one, e.g.
-  {"study_id": "acc_num", "label": "av_stenosis", "mrn": "patient_id"}."""
+  {"study_id": "acc_num", "label": "av_stenosis", "mrn": "patient_id"}; `label_map` maps other AS spellings
+  (or "" for blank cells) to none/mild/moderate/severe/unknown, or "exclude" to leave the study out;
+  `min_plax_prob` / `views` keep only videos whose plax_prob reaches it / whose `view` is listed."""
   columns: Mapping[str, str] = dataclasses.field(default_factory=dict)
   max_frames: int = 100
   allow_cross_split_studies: bool = False
   labels_csv: Optional[str] = None   # a single table with a split column (default: per-split CSVs)
   videos_dir: str = 'videos'         # relative fpaths are looked up here first, then in manual_dir
+  encoding: Optional[str] = None     # tried after UTF-8, e.g. "latin-1"
+  label_map: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  min_plax_prob: Optional[float] = None
+  views: Optional[Sequence[str]] = None
+  video_checks: Mapping[str, Any] = dataclasses.field(default_factory=dict)   # video_io.VideoChecks fields
   # DICOM source (echojax.data.dicom_source). source None = 'videos' unless load_options finds dicom_dir.
   source: Optional[str] = None
   dicom_dir: str = 'dicom'                     # relative to manual_dir, or absolute
@@ -66,10 +70,26 @@ class StudyTableOptions:
     unknown = sorted(set(self.dicom_options) - set(DICOM_CONVERTER_OPTIONS))
     if unknown:
       raise ValueError(f'unknown dicom_options {unknown}; known: {list(DICOM_CONVERTER_OPTIONS)}')
+    if self.min_plax_prob is not None and not (isinstance(self.min_plax_prob, (int, float))
+                                               and 0.0 <= self.min_plax_prob <= 1.0):
+      raise ValueError(f'min_plax_prob must be a number in [0, 1] or null, got {self.min_plax_prob!r}')
+    if self.views is not None and (isinstance(self.views, str) or not all(isinstance(v, str) for v in self.views)):
+      raise ValueError(f'views must be a list of view names, e.g. ["plax"], got {self.views!r}')
+    label_csv.make_label_map(self.label_map)   # validates the targets
+    self.checks()
+
+  def checks(self) -> video_io.VideoChecks:
+    fields = {f.name for f in dataclasses.fields(video_io.VideoChecks)}
+    unknown = sorted(set(self.video_checks) - fields)
+    if unknown:
+      raise ValueError(f'unknown video_checks {unknown}; known: {sorted(fields)}')
+    return video_io.VideoChecks(**self.video_checks)
 
   def to_dict(self) -> Dict[str, Any]:
     """The options as recorded with a build: never the salt; DICOM-only fields only for the DICOM source."""
-    values = dict(dataclasses.asdict(self), columns=dict(self.columns), dicom_options=dict(self.dicom_options))
+    values = dict(dataclasses.asdict(self), columns=dict(self.columns), dicom_options=dict(self.dicom_options),
+                  label_map=dict(self.label_map), views=None if self.views is None else list(self.views),
+                  video_checks=self.checks().to_dict())
     del values['salt']
     if self.source != 'dicom':
       for name in ('source', 'dicom_dir', 'converted_dir', 'dicom_options'):
@@ -96,7 +116,7 @@ def load_options(manual_dir, overrides: Optional[Mapping[str, Any]] = None) -> S
     raise ValueError(f'unknown option(s) {unknown} (from {path} or arguments); known: {sorted(known)}')
   try:
     options = StudyTableOptions(**values)
-  except ValueError as e:
+  except (TypeError, ValueError) as e:
     raise ValueError(f'{path}: {e}') from None
   if options.source is None:
     has_dicom = os.path.isdir(os.path.join(os.fspath(manual_dir), options.dicom_dir))
@@ -107,68 +127,33 @@ def load_options(manual_dir, overrides: Optional[Mapping[str, Any]] = None) -> S
   return options
 
 
-@dataclasses.dataclass(frozen=True)
-class VideoEntry:
-  path: str        # resolved path to open
-  fpath: str       # as written in the table
-  video_num: str
-  plax_prob: float
-  source: str      # '<table>:<line>' for messages
-  fps_is_default: Optional[bool] = None   # known from the source (DICOM timing); None: ask the container
-
-
-@dataclasses.dataclass
-class Study:
-  study_id: str
-  patient_id: str
-  av_stenosis: str
-  videos: List[VideoEntry]
-
-
-def _listing(items) -> str:
-  items = list(items)
-  shown = ', '.join(str(i) for i in items[:_MAX_LISTED])
-  return shown + (f' ... ({len(items)} in all)' if len(items) > _MAX_LISTED else '')
-
-
 def _read_rows(path: str, options: StudyTableOptions, needed: tuple, any_of: tuple = ()):
-  """Rows of one CSV as dicts keyed by canonical column (values stripped), with their line numbers.
-  All `needed` columns and at least one of `any_of` must be present."""
-  with open(path, newline='', encoding='utf-8-sig') as f:   # -sig: Excel writes a BOM
-    reader = csv.reader(f)
-    header = next(reader, None)
-    if header is None:
-      raise ValueError(f'{path}: empty file (no header row)')
-    header = [h.strip() for h in header]
-    doubled = sorted(h for h, n in collections.Counter(header).items() if n > 1)
-    if doubled:
-      raise ValueError(f'{path}: repeated column name(s) {doubled}')
-    canonical = {}
-    for index, name in enumerate(header):
-      target = options.columns.get(name, name if name in CANONICAL_COLUMNS else None)
-      if target is None:
-        continue   # extra columns are ignored
-      if target in canonical:
-        raise ValueError(f'{path}: columns {header[canonical[target]]!r} and {name!r} both give '
-                         f'{target!r}; drop one or fix the "columns" mapping')
-      canonical[target] = index
-    missing = [c for c in needed if c not in canonical]
-    if missing:
-      inverse = {v: k for k, v in options.columns.items()}
-      described = [f'{c} (mapped from {inverse[c]!r})' if c in inverse else c for c in missing]
-      raise ValueError(f'{path}: missing required column(s) {described}; columns found: {header}. '
-                       f'Map other names with "columns" in {OPTIONS_FILE}.')
-    if any_of and not any(c in canonical for c in any_of):
-      raise ValueError(f'{path}: needs a {" or ".join(any_of)} column; columns found: {header}. '
-                       f'Map other names with "columns" in {OPTIONS_FILE}, e.g. {{"acc_num": "{any_of[-1]}"}}.')
-    rows = []
-    for row in reader:
-      if not any(cell.strip() for cell in row):
-        continue
-      line = reader.line_num
-      values = {c: (row[i].strip() if i < len(row) else '') for c, i in canonical.items()}
-      rows.append((line, values))
-  return rows
+  """Rows of one CSV as dicts keyed by canonical column, with their line numbers (label_csv.read_table
+  checks encoding, delimiter and row shape). All `needed` columns and one of `any_of` must be present."""
+  table = label_csv.read_table(path, encoding=options.encoding,
+                               encoding_hint=f', with "encoding" in {OPTIONS_FILE}')
+  header = table.header
+  canonical = {}
+  for name in header:
+    target = options.columns.get(name, name if name in CANONICAL_COLUMNS else None)
+    if target is None:
+      continue   # extra columns are ignored
+    if target in canonical:
+      raise ValueError(f'{path}: columns {canonical[target]!r} and {name!r} both give '
+                       f'{target!r}; drop one or fix the "columns" mapping')
+    canonical[target] = name
+  if 'acc_num' in needed and 'acc_num' not in canonical and STUDY_ID_ALIAS in header:
+    canonical['acc_num'] = STUDY_ID_ALIAS
+  missing = [c for c in needed if c not in canonical]
+  if missing:
+    inverse = {v: k for k, v in options.columns.items()}
+    described = [f'{c} (mapped from {inverse[c]!r})' if c in inverse else c for c in missing]
+    raise ValueError(f'{path}: missing required column(s) {described}; columns found: {header}. '
+                     f'Map other names with "columns" in {OPTIONS_FILE}.')
+  if any_of and not any(c in canonical for c in any_of):
+    raise ValueError(f'{path}: needs a {" or ".join(any_of)} column; columns found: {header}. '
+                     f'Map other names with "columns" in {OPTIONS_FILE}, e.g. {{"acc_num": "{any_of[-1]}"}}.')
+  return [(line, {c: row[h] for c, h in canonical.items()}) for line, row in table.rows]
 
 
 def _resolve(manual_dir: str, videos_dir: str, fpath: str) -> str:
@@ -178,7 +163,7 @@ def _resolve(manual_dir: str, videos_dir: str, fpath: str) -> str:
   return next((c for c in candidates if os.path.exists(c)), candidates[0])
 
 
-def _table_files(manual_dir: str, options: StudyTableOptions):
+def table_files(manual_dir: str, options: StudyTableOptions):
   """[(split or None, path)]: per-split CSVs, or one table whose `split` column names the split."""
   if options.labels_csv:
     path = os.path.join(manual_dir, options.labels_csv)
@@ -199,122 +184,102 @@ def _table_files(manual_dir: str, options: StudyTableOptions):
                           f'or {DEFAULT_SINGLE_TABLE} with a split column')
 
 
-def _split_name(raw: str) -> Optional[str]:
-  name = raw.strip().lower()
-  name = _SPLIT_ALIASES.get(name, name)
-  return name if _SPLIT_NAME.match(name) and name != 'all' else None
+def _converter_fps_sources(manual_dir: str) -> Optional[Dict[str, str]]:
+  """fpath → fps_source of a convert_dicom output's manifest ('default': the DICOM had no timing); None when
+  manual_dir is no converter output."""
+  path = os.path.join(manual_dir, CONVERTER_MANIFEST)
+  if not os.path.isfile(path):
+    return None
+  with open(path, newline='', encoding='utf-8') as f:
+    return {os.path.normpath(r['fpath']): r.get('fps_source', '') for r in csv.DictReader(f) if r.get('fpath')}
 
 
-def read_study_tables(manual_dir, options: Optional[StudyTableOptions] = None) -> Dict[str, List[Study]]:
+def _label_hint() -> str:
+  return f'with "label_map" in {OPTIONS_FILE}'
+
+
+def read_study_tables(manual_dir, options: Optional[StudyTableOptions] = None) -> SplitStudies:
   """Validated studies per split: {split: [Study, ...]} in table order (studies by first appearance, videos
-  in row order). Raises ValueError naming the file and the offending columns/values/ids."""
+  in row order), after study_checks.select_videos (its counts in `.selection`). Raises ValueError naming
+  the files, lines and values."""
   manual_dir = os.fspath(manual_dir)
   options = options or load_options(manual_dir)
-  # study rows per split, keyed by study id (dicts keep first-appearance order)
-  grouped: Dict[str, Dict[str, list]] = collections.defaultdict(dict)
-  errors = collections.defaultdict(list)
-  for fixed_split, path in _table_files(manual_dir, options):
+  label_map = label_csv.make_label_map(options.label_map)
+  grouped: Dict[str, Dict[str, list]] = collections.defaultdict(dict)   # split → study id → rows
+  problems = label_csv.Problems()
+  study_ids, patient_ids = [], []
+  for fixed_split, path in table_files(manual_dir, options):
     table = os.path.basename(path)
     needed = REQUIRED_COLUMNS + (() if fixed_split else ('split',))
     for line, row in _read_rows(path, options, needed):
       where = f'{table}:{line}'
-      split = fixed_split or _split_name(row['split'])
+      split = fixed_split or label_csv.split_name(row['split'])
       if split is None:
-        errors[f'{table}: unusable split value(s) (use train/val/test/...)'].append(repr(row['split']))
+        problems.add(f'{table}: {label_csv.SPLIT_PROBLEM}', repr(row['split']), where)
         continue
-      if not row['acc_num'] or not row['fpath']:
-        errors[f'{table}: empty study id or fpath on line(s)'].append(line)
+      study_id = label_csv.clean_id(row['acc_num'])
+      if not study_id or not row['fpath']:
+        problems.add(f'{table}: empty study id or fpath', '', where)
         continue
-      grouped[split].setdefault(row['acc_num'], []).append((where, row))
-  _raise_if(errors)
+      study_ids.append((row['acc_num'], where))
+      if row.get('patient_id'):
+        patient_ids.append((row['patient_id'], where))
+      grouped[split].setdefault(study_id, []).append((where, row))
+  label_csv.find_id_collisions(study_ids, 'study id', problems)
+  label_csv.find_id_collisions(patient_ids, 'patient id', problems)
+  problems.raise_if()
 
+  fps_sources = _converter_fps_sources(manual_dir)
   studies: Dict[str, List[Study]] = {}
   for split, by_study in grouped.items():
-    studies[split] = []
-    for study_id, rows in by_study.items():
-      studies[split].append(_make_study(manual_dir, options, split, study_id, rows, errors))
-  _raise_if(errors)
-  check_leakage(studies, options)
-  return studies
+    studies[split] = [_make_study(manual_dir, options, label_map, fps_sources or {}, split, study_id, rows,
+                                  problems) for study_id, rows in by_study.items()]
+  problems.raise_if()
+  selected = select_videos(studies, options.min_plax_prob, options.views)
+  check_leakage(selected, options.allow_cross_split_studies)
+  if fps_sources is not None:   # a converter output: say how many of its cines no table row names
+    listed = {os.path.normpath(row['fpath']) for by_study in grouped.values() for rows in by_study.values()
+              for _, row in rows}
+    selected.converter = dict(cines=len(fps_sources), without_label_row=len(set(fps_sources) - listed))
+  return selected
 
 
-def _make_study(manual_dir, options, split, study_id, rows, errors) -> Study:
+def _make_study(manual_dir, options, label_map, fps_sources, split, study_id, rows, problems) -> Study:
   labels, patients, videos = set(), set(), []
   for position, (where, row) in enumerate(rows):
     table = where.split(':')[0]
-    label = records.normalize_av_stenosis(row['av_stenosis'])
+    label = label_csv.map_label(row['av_stenosis'], label_map)
     if label is None:
-      errors[f'{table}: unknown av_stenosis value(s) (known: {sorted(records.AV_STENOSIS_ALIASES)})'].append(
-          repr(row['av_stenosis']))
+      problems.add(f'{table}: {label_csv.label_problem(row["av_stenosis"], "av_stenosis", _label_hint())}',
+                   repr(row['av_stenosis']), where)
     labels.add(label)
-    patients.add(row.get('patient_id', ''))
-    plax_prob = float('nan')
-    if row.get('plax_prob'):
-      try:
-        plax_prob = float(row['plax_prob'])
-      except ValueError:
-        plax_prob = -1.0
-      if not (math.isnan(plax_prob) or 0.0 <= plax_prob <= 1.0):
-        errors[f'{table}: plax_prob not a number in [0, 1]'].append(repr(row['plax_prob']))
+    patients.add(label_csv.clean_id(row.get('patient_id', '')))
+    plax_prob, problem = label_csv.parse_probability(row.get('plax_prob', ''))
+    if problem:
+      problems.add(f'{table}: plax_prob {problem}', repr(row['plax_prob']), where)
     if 'video_num' in row and not row['video_num']:
-      errors[f'{table}: empty video_num on line(s)'].append(where.split(':')[1])
+      problems.add(f'{table}: empty video_num', '', where)
     video_num = row.get('video_num') or str(position)   # no column: position within the study
+    fps_source = fps_sources.get(os.path.normpath(row['fpath']))
     videos.append(VideoEntry(path=_resolve(manual_dir, options.videos_dir, row['fpath']), fpath=row['fpath'],
-                             video_num=video_num, plax_prob=plax_prob, source=where))
+                             video_num=video_num, plax_prob=plax_prob, source=where,
+                             fps_is_default=None if fps_source is None else fps_source == 'default',
+                             view=row.get('view', '')))
   if len(labels - {None}) > 1:
-    errors[f'{split}: studies whose rows disagree on av_stenosis'].append(f'{study_id} {sorted(labels - {None})}')
+    problems.add(f'{split}: studies whose rows disagree on av_stenosis', f'{study_id} {sorted(labels - {None})}')
   if len(patients) > 1:
-    errors[f'{split}: studies whose rows disagree on patient_id'].append(f'{study_id} {sorted(patients)}')
+    problems.add(f'{split}: studies whose rows disagree on patient_id', f'{study_id} {sorted(patients)}')
   for video_num, n in collections.Counter(v.video_num for v in videos).items():
     if n > 1:
-      errors[f'{split}: duplicate (study, video_num) rows'].append(f'({study_id}, {video_num}) x{n}')
-  if len(videos) > records.MAX_VIDEOS_PER_STUDY:
-    errors[f'{split}: studies with more than {records.MAX_VIDEOS_PER_STUDY} videos'].append(study_id)
+      problems.add(f'{split}: duplicate (study, video_num) rows', f'({study_id}, {video_num}) x{n}')
   label = next(iter(labels - {None}), 'unknown')
   return Study(study_id=study_id, patient_id=next(iter(patients)), av_stenosis=label, videos=videos)
 
 
-def _raise_if(errors: Mapping[str, list]) -> None:
-  if errors:
-    raise ValueError('invalid label tables:\n' + '\n'.join(
-        f'  {what}: {_listing(dict.fromkeys(values))}' for what, values in errors.items()))
-
-
-def check_leakage(studies: Mapping[str, List[Study]], options: StudyTableOptions) -> None:
-  """Within a split, a video file listed twice is an error; across splits, a shared study id, patient id
-  or video file is an error unless `allow_cross_split_studies` (then a warning)."""
-  errors = collections.defaultdict(list)
-  splits_of = {'study id': collections.defaultdict(set), 'patient id': collections.defaultdict(set),
-               'video file': collections.defaultdict(set)}
-  for split, split_studies in studies.items():
-    paths = collections.Counter(os.path.normpath(v.path) for s in split_studies for v in s.videos)
-    for path, n in paths.items():
-      if n > 1:
-        errors[f'{split}: video file listed more than once'].append(path)
-    for study in split_studies:
-      splits_of['study id'][study.study_id].add(split)
-      if study.patient_id:
-        splits_of['patient id'][study.patient_id].add(split)
-      for video in study.videos:
-        splits_of['video file'][os.path.normpath(video.path)].add(split)
-  _raise_if(errors)
-  shared = []
-  for kind, splits_by_id in splits_of.items():
-    leaked = [f'{i} {sorted(s)}' for i, s in splits_by_id.items() if len(s) > 1]
-    if leaked:
-      shared.append(f'  {kind}s in several splits: {_listing(leaked)}')
-  if not shared:
-    return
-  message = 'split leakage:\n' + '\n'.join(shared)
-  if not options.allow_cross_split_studies:
-    raise ValueError(message + f'\n(set "allow_cross_split_studies": true in {OPTIONS_FILE} to allow it)')
-  warnings.warn(message + '\n(allowed by allow_cross_split_studies)', stacklevel=3)
-
-
 @dataclasses.dataclass(frozen=True)
 class StudyLabel:
-  """One row of a DICOM-source label table. `key` is the raw identifier named by `key_column`: hash it
-  (dicom.study_key) before it goes anywhere."""
+  """One row of a DICOM-source label table. `key` is the raw identifier named by `key_column` (or 'study':
+  a registry's study column, UID or accession number): hash it (dicom.study_key) before it goes anywhere."""
   key_column: str
   key: str = dataclasses.field(repr=False)
   av_stenosis: str
@@ -325,35 +290,45 @@ class StudyLabel:
 def read_study_labels(manual_dir, options: StudyTableOptions) -> Dict[str, List[StudyLabel]]:
   """Validated label rows per split for the DICOM source: one row per study, columns av_stenosis and
   study_instance_uid and/or accession_number (optional patient_id, split). Errors name files and line
-  numbers, never identifier values."""
+  numbers, never identifier values. Rows whose label maps to "exclude" are left out."""
   manual_dir = os.fspath(manual_dir)
+  label_map = label_csv.make_label_map(options.label_map)
   labels: Dict[str, List[StudyLabel]] = collections.defaultdict(list)
-  errors = collections.defaultdict(list)
+  problems = label_csv.Problems()
   first_seen: Dict[tuple, str] = {}
-  for fixed_split, path in _table_files(manual_dir, options):
+  keys, patient_ids = [], []
+  for fixed_split, path in table_files(manual_dir, options):
     table = os.path.basename(path)
     needed = ('av_stenosis',) + (() if fixed_split else ('split',))
     for line, row in _read_rows(path, options, needed, any_of=DICOM_KEY_COLUMNS):
       where = f'{table}:{line}'
-      split = fixed_split or _split_name(row['split'])
+      split = fixed_split or label_csv.split_name(row['split'])
       if split is None:
-        errors[f'{table}: unusable split value(s) (use train/val/test/...)'].append(repr(row['split']))
+        problems.add(f'{table}: {label_csv.SPLIT_PROBLEM}', repr(row['split']), where)
         continue
-      key_column = next((c for c in DICOM_KEY_COLUMNS if row.get(c)), None)
+      key_column = next((c for c in DICOM_KEY_COLUMNS if label_csv.clean_id(row.get(c, ''))), None)
       if key_column is None:
-        errors[f'{table}: empty {" and ".join(DICOM_KEY_COLUMNS)} on line(s)'].append(line)
+        problems.add(f'{table}: empty {" and ".join(DICOM_KEY_COLUMNS)}', '', where)
         continue
-      label = records.normalize_av_stenosis(row['av_stenosis'])
+      label = label_csv.map_label(row['av_stenosis'], label_map)
       if label is None:
-        errors[f'{table}: unknown av_stenosis value(s) (known: {sorted(records.AV_STENOSIS_ALIASES)})'].append(
-            repr(row['av_stenosis']))
+        problems.add(f'{table}: {label_csv.label_problem(row["av_stenosis"], "av_stenosis", _label_hint())}',
+                     repr(row['av_stenosis']), where)
         continue
-      identity = (key_column, row[key_column])
+      key = label_csv.clean_id(row[key_column])
+      identity = (key_column, key)
       if identity in first_seen:
-        errors[f'studies listed more than once (same {key_column})'].append(f'{first_seen[identity]} and {where}')
+        problems.add(f'studies listed more than once (same {key_column})', '', f'{first_seen[identity]}')
+        problems.add(f'studies listed more than once (same {key_column})', '', where)
         continue
       first_seen[identity] = where
-      labels[split].append(StudyLabel(key_column=key_column, key=row[key_column], av_stenosis=label,
-                                      patient_id=row.get('patient_id', ''), source=where))
-  _raise_if(errors)
+      keys.append((row[key_column], where))
+      if row.get('patient_id'):
+        patient_ids.append((row['patient_id'], where))
+      if label != label_csv.EXCLUDE:
+        labels[split].append(StudyLabel(key_column=key_column, key=key, av_stenosis=label,
+                                        patient_id=label_csv.clean_id(row.get('patient_id', '')), source=where))
+  label_csv.find_id_collisions(keys, 'study key', problems, reveal=False)
+  label_csv.find_id_collisions(patient_ids, 'patient id', problems, reveal=False)
+  problems.raise_if()
   return dict(labels)
