@@ -72,7 +72,7 @@ def ssl_config(method, p, args):
   cfg.train.log_every_steps = max(p['ssl_steps'] // 20, 1) if p['ssl_steps'] > 0 else 50
   cfg.train.checkpoint_every_steps = max(p['ssl_steps'] // 4, 1) if p['ssl_steps'] > 0 else 1000
   cfg.optim.lr = p['ssl_lr']
-  cfg.probe.every_steps = -1 if args.no_probe else cfg.probe.every_steps
+  cfg.probe.every_steps = 0 if args.no_probe else cfg.probe.every_steps  # 0: no probe
   return cfg
 
 
@@ -101,7 +101,7 @@ def main(argv=None):
   parser.add_argument('--no-probe', action='store_true')
   parser.add_argument('--report-only', action='store_true',
                       help='write the tables/figure from the runs finished so far; train nothing')
-  parser.add_argument('--resampling', choices=('stratified', 'plain'), default='stratified',
+  parser.add_argument('--resampling', choices=('stratified', 'simple'), default='stratified',
                       help='paired bootstrap: keep each class count of the test split (default) or not')
   args = parser.parse_args(argv)
   p = PRESETS[args.preset]
@@ -162,7 +162,7 @@ def main(argv=None):
     w.writerows(rows)
   table = format_auroc_table(rows)
   per_seed, pooled, comparisons = _paired_report(out, run_dirs, [name for name, _ in inits],
-                                                 args.resampling == 'stratified')
+                                                 args.resampling)
   wall = time.time() - t0
   with open(os.path.join(out, 'results.md'), 'w') as f:
     f.write(f'Preset `{args.preset}` — study-level test AUROC [95 % bootstrap CI over studies]\n\n'
@@ -180,14 +180,14 @@ PAIRED_RESAMPLES = 2000
 PAIRED_METHOD = (
     'Δ = AUROC(a) − AUROC(b) on the same test studies. Per seed: the paired study bootstrap (the same '
     f'{PAIRED_RESAMPLES:,} resamples of test studies for both inits and for every run, class counts kept '
-    'unless --resampling plain; 95 % percentile CI) and DeLong\'s test for correlated AUROCs (two-sided). '
+    'unless --resampling simple; 95 % percentile CI) and DeLong\'s test for correlated AUROCs (two-sided). '
     'Across seeds (the seed draws the labelled subset, the head init and the data order): mean ± sd of '
     'the per-seed Δ, and the pooled Δ = their mean with a 95 % CI from a two-level bootstrap (seeds drawn '
     'with replacement × the shared test-study resamples), which carries both the between-subset spread and '
     'the test-set sampling. p-values are per comparison, not adjusted for the number of comparisons.')
 
 
-def _paired_report(out, run_dirs, names, stratified):
+def _paired_report(out, run_dirs, names, resampling):
   """Every pair of inits at every fraction → paired.csv, paired_pooled.csv and their Markdown tables."""
   import itertools
   from echojax.evaluation import paired
@@ -195,7 +195,7 @@ def _paired_report(out, run_dirs, names, stratified):
             for key, wd in run_dirs.items()}
   ordered = names[1:] + names[:1]  # random last: every Δ reads "method − random", "echoclr − mi_simclr"
   per_seed, pooled = paired.compare_grid(tables, list(itertools.combinations(ordered, 2)),
-                                         n_resamples=PAIRED_RESAMPLES, stratified=stratified)
+                                         n_resamples=PAIRED_RESAMPLES, resampling=resampling)
   for name, table_rows in (('paired.csv', per_seed), ('paired_pooled.csv', pooled)):
     with open(os.path.join(out, name), 'w', newline='') as f:
       if table_rows:

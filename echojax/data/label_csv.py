@@ -193,18 +193,24 @@ def make_label_map(user_map: Optional[Mapping[str, str]] = None) -> Dict[str, st
   return mapping
 
 
+def read_json_object(path, example: str = '') -> dict:
+  """A JSON file holding one object, with errors that name the file."""
+  with open(path, encoding='utf-8') as f:
+    try:
+      value = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f'{path}: not valid JSON ({e})') from None
+  if not isinstance(value, dict):
+    raise ValueError(f'{path}: expected a JSON object{" " + example if example else ""}')
+  return value
+
+
 def load_label_map(path) -> Dict[str, str]:
   """A label map file: JSON {"moderate-severe": "severe", "": "unknown"} or a two-column CSV
   (your value, AS grade or "exclude") with a header row."""
   path = os.fspath(path)
   if path.lower().endswith('.json'):
-    with open(path, encoding='utf-8') as f:
-      try:
-        mapping = json.load(f)
-      except json.JSONDecodeError as e:
-        raise ValueError(f'{path}: not valid JSON ({e})') from None
-    if not isinstance(mapping, dict):
-      raise ValueError(f'{path}: expected a JSON object {{"your value": "severe", ...}}')
+    mapping = read_json_object(path, '{"your value": "severe", ...}')
     return {str(k): str(v) for k, v in mapping.items()}
   table = read_table(path)
   if len(table.header) != 2:

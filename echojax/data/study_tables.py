@@ -8,7 +8,6 @@ from __future__ import annotations
 import collections
 import csv
 import dataclasses
-import json
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -102,13 +101,7 @@ def load_options(manual_dir, overrides: Optional[Mapping[str, Any]] = None) -> S
   values: Dict[str, Any] = {}
   path = os.path.join(os.fspath(manual_dir), OPTIONS_FILE)
   if os.path.exists(path):
-    with open(path, encoding='utf-8') as f:
-      try:
-        values = json.load(f)
-      except json.JSONDecodeError as e:
-        raise ValueError(f'{path}: not valid JSON ({e})') from None
-    if not isinstance(values, dict):
-      raise ValueError(f'{path}: expected a JSON object')
+    values = label_csv.read_json_object(path)
   values.update({k: v for k, v in (overrides or {}).items() if v is not None})
   known = {f.name for f in dataclasses.fields(StudyTableOptions)}
   unknown = sorted(set(values) - known)
