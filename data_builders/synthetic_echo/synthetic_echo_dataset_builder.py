@@ -9,11 +9,11 @@ power = reflectivity² × speckle × depth attenuation × gain + an electronic n
 scale over the video's dynamic range. Speckle is the squared modulus of a spatially correlated complex
 Gaussian field (Rayleigh amplitude, grains wider laterally than axially).
 
-Speckle and motion differ by version (the builder's VERSION selects the generator; older versions stay
-buildable with `version=`):
+Speckle and motion differ by version (the dataset version is the generator's; 1.0.0 stays buildable with
+`version='1.0.0'`, same latents and acquisitions, pixel for pixel as before 2.0.0):
 - 1.0.0: a share of the speckle (`speckle_persistence`, 30–75 %) is fixed in the image, the rest is redrawn
   every frame; only the painted anatomy moves. Consecutive frames are barely more alike than frames two apart
-  (order cue 1 − MAD(lag 1)/MAD(lag 2) ≈ 0.09).
+  (order cue 1 − MAD(lag 1)/MAD(lag 2) ≈ 0.08).
 - 2.0.0 (default): tissue-locked speckle. Scatterers live on a material canvas (the end-diastolic frame)
   and every frame samples it through the inverse motion field — wall thickening and LV shortening across
   the long axis, aortic-root/LA motion, the base (annulus, root, valves) descending toward the apex in
@@ -22,9 +22,9 @@ buildable with `version=`):
   gradually (an AR(1) whose rate, set per second and so the same at every fps, rises with the wall's speed:
   out-of-plane motion); chest wall and deep tissue keep theirs; each frame adds a little independent noise.
   The echo map is blurred by the beam's PSF and the log image by σ 0.85 px (the resampling of a real cine
-  to 112²). Calibrated on a real 30 fps cine (`scripts/temporal_stats.py`): frame correlation inside the
-  sector 0.96 at 33 ms falling smoothly to ≈ 0.77 at 333 ms (real 0.97 → 0.79), order cue ≈ 0.3 at 30 fps
-  (real 0.28), at any frame rate 30–80 fps.
+  to 112²). Calibrated on a real 30 fps cine (`scripts/temporal_stats.py`, docs/temporal_correlation.png):
+  frame correlation inside the sector 0.96 / 0.90 / 0.83 / 0.78 at 33 / 100 / 200 / 333 ms (real 0.97 /
+  0.92 / 0.85 / 0.80), order cue 0.26 (real 0.29), the same in ms at 30 and 80 fps.
 
 Anatomy in PLAX position (heart coordinates, long axis roughly horizontal): chest wall under the apex; right
 ventricle (top); interventricular septum; LV cavity (left) whose diameter shortens over the cardiac cycle
@@ -60,16 +60,19 @@ leaflets over the whole video, i.e. the union of the per-frame boxes), 2.0.0 als
 
 Build: `tfds build data_builders/synthetic_echo [--config small|benchmark|tiny] --data_dir=OUT`, or
 `Builder(config='small', data_dir=OUT).download_and_prepare()` (`version='1.0.0'` rebuilds the 1.x data
-pixel for pixel). `small` (2.0.0) takes ≈ 60 s of CPU in-process (the default); the constructor's
-`num_workers=N` renders studies in N spawned processes (same records; the calling script then needs the usual
-`if __name__ == '__main__':` guard of multiprocessing).
+pixel for pixel). Studies render in `num_workers` spawned processes (same records as in-process; default 2,
+or none for configs under 100 studies or on one core); the workers run only echojax code, so no
+`if __name__ == '__main__':` guard is needed. `small` (2.0.0) takes ≈ 50 s of CPU.
 """
 from __future__ import annotations
 
 import collections
-import concurrent.futures
+import contextlib
 import dataclasses
 import multiprocessing
+import os
+import sys
+import types
 from typing import Iterator, Optional
 
 import numpy as np
@@ -133,8 +136,8 @@ class Builder(builder_common.ModuleCodePath, tfds.core.GeneratorBasedBuilder):
       '1.0.0': 'First release.',
       '2.0.0': 'Tissue-locked speckle advected with the heart (wall thickening, root/valve and base motion, '
                'drift), decorrelating gradually per second; temporal statistics calibrated on a real 30 fps '
-               'cine. New feature valve_boxes (per-frame aortic-valve box). Same latents, acquisitions and '
-               'AS cue as 1.0.0.',
+               'cine. New feature valve_boxes (per-frame aortic-valve box). Same study latents (AS grade and '
+               'valve), acquisitions and difficulty knob as 1.0.0.',
   }
   # Every config at every generator version: TFDS generates only a config's own version, so 1.0.0 stays
   # buildable (`config='small', version='1.0.0'`, or 'synthetic_echo/small:1.0.0') into <config>/1.0.0.
@@ -143,7 +146,7 @@ class Builder(builder_common.ModuleCodePath, tfds.core.GeneratorBasedBuilder):
   DEFAULT_CONFIG_NAME = 'small'
 
   def __init__(self, *, num_workers: Optional[int] = None, **kwargs):
-    self._num_workers = 0 if num_workers is None else int(num_workers)
+    self._num_workers = num_workers
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -172,19 +175,18 @@ class Builder(builder_common.ModuleCodePath, tfds.core.GeneratorBasedBuilder):
                   min_frames=cfg.min_frames, max_frames=cfg.max_frames,
                   version=str(self.version))   # the dataset version is the generator's
     tasks = [(cfg.seed, split, index, kwargs) for index in range(cfg.num_studies(split))]
-    if self._num_workers <= 0:
+    workers = _default_workers(cfg) if self._num_workers is None else int(self._num_workers)
+    if workers <= 0:
       yield from map(synthetic.render_study_for_records, tasks)
       return
-    # spawn: the workers import only numpy/OpenCV (never TensorFlow, which is not fork-safe).
-    context = multiprocessing.get_context('spawn')
-    with concurrent.futures.ProcessPoolExecutor(self._num_workers, mp_context=context) as pool:
+    with _worker_pool(workers) as pool:
       window = collections.deque()
       for task in tasks:
-        window.append(pool.submit(synthetic.render_study_for_records, task))
-        if len(window) >= 4 * self._num_workers:
-          yield window.popleft().result()
+        window.append(pool.apply_async(synthetic.render_study_for_records, (task,)))
+        if len(window) >= 4 * workers:
+          yield window.popleft().get()
       while window:
-        yield window.popleft().result()
+        yield window.popleft().get()
 
   def _generate_examples(self, split: str):
     for study_index, study in enumerate(self._studies(split)):
@@ -201,3 +203,26 @@ class Builder(builder_common.ModuleCodePath, tfds.core.GeneratorBasedBuilder):
         record['video'] = video['png']  # already-encoded frames: TFDS stores the bytes as given
         yield video['video_id'], record
 
+
+def _default_workers(config: SyntheticEchoConfig) -> int:
+  """2 worker processes (1 core: none); none for configs under 100 studies, where start-up costs more than it
+  saves, and inside daemonic processes, which cannot have children."""
+  cores = os.cpu_count() or 1
+  if multiprocessing.current_process().daemon or cores < 2 or sum(config.num_studies(s) for s in SPLITS) < 100:
+    return 0
+  return 2
+
+
+@contextlib.contextmanager
+def _worker_pool(workers: int):
+  """A spawn pool (the workers import numpy/OpenCV, never TensorFlow, which is not fork-safe) started without
+  the caller's main module: the workers need only echojax code, and spawn would otherwise re-import, i.e.
+  re-run, a calling script that lacks the `if __name__ == '__main__':` guard."""
+  main = sys.modules['__main__']
+  sys.modules['__main__'] = types.ModuleType('__main__')
+  try:
+    pool = multiprocessing.get_context('spawn').Pool(workers)   # starts every worker now
+  finally:
+    sys.modules['__main__'] = main
+  with pool:                                                    # terminates the workers on exit
+    yield pool

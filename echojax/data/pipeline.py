@@ -75,7 +75,7 @@ def _builder_module(name: str):
 def builder_config_names(name: str) -> list[str]:
   module = _builder_module(name)
   configs = getattr(getattr(module, 'Builder', None), 'BUILDER_CONFIGS', None) or []
-  return [c.name for c in configs]
+  return list(dict.fromkeys(c.name for c in configs))   # a config may be registered once per version
 
 
 def run_option_names(name: str) -> tuple[str, ...]:

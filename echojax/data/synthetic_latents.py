@@ -1,6 +1,7 @@
 """Random variables of the synthetic echo model: per-study latents (anatomy, heart rate, LV function, AS
-grade and the valve appearance it drives) and per-video acquisition nuisances, each drawn from a seed that is a
-pure function of (seed, split, study index[, video index]). Pure numpy; `synthetic` renders them.
+grade and the valve appearance it drives), per-video acquisition nuisances and (2.x generator) per-video tissue
+motion, each drawn from a seed that is a pure function of (seed, split, study index[, video index]). Pure
+numpy; `synthetic` renders them.
 """
 from __future__ import annotations
 
@@ -67,6 +68,18 @@ class Acquisition:
   speckle_size: float
   valve_gain: float          # small per-video visibility change of the valve (scan-plane jitter)
   plax_prob: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Motion:
+  """Per-video tissue motion and speckle decorrelation of the 2.x generator (lengths in reference px)."""
+  base_descent: float        # systolic shift of the base (annulus, root, valves) toward the apex
+  drift: Tuple[float, float]  # respiratory / probe translation amplitude (x, y) px
+  drift_period_s: float
+  drift_phase: float
+  decorrelation_rate: float  # out-of-plane speckle decorrelation at rest (1/s)
+  motion_decorrelation: float  # extra decorrelation per unit contraction speed (1/s per 1/s)
+  thermal_noise: float       # weight η of independent per-frame noise in the complex echo (η² of its power)
 
 
 def study_seed(seed: int, split: str, study_index: int) -> Tuple[int, ...]:
@@ -146,3 +159,17 @@ def sample_acquisition(latents: StudyLatents, rng_seed, *, min_frames: int = 32,
       attenuation=float(rng.uniform(0.3, 1.1)), speckle_persistence=float(rng.uniform(0.3, 0.75)),
       speckle_size=float(rng.uniform(0.8, 1.25)), valve_gain=float(rng.uniform(0.9, 1.1)),
       plax_prob=float(rng.uniform(0.6, 1.0)))
+
+
+def sample_motion(latents: StudyLatents, rng_seed) -> Motion:
+  """Draws one video's motion; the base descends in proportion to the study's LV function. The ranges are
+  calibrated on a real 30 fps cine (frame correlation vs lag, order cue: scripts/temporal_stats.py)."""
+  rng = np.random.default_rng(rng_seed)
+  angle = rng.uniform(0, 2 * np.pi)
+  amplitude = rng.uniform(0.3, 1.5)
+  return Motion(
+      base_descent=float(latents.frac_shortening * latents.lvid * rng.uniform(0.15, 0.25)),
+      drift=(float(amplitude * np.cos(angle)), float(amplitude * np.sin(angle))),
+      drift_period_s=float(rng.uniform(3.0, 5.0)), drift_phase=float(rng.random()),
+      decorrelation_rate=float(rng.uniform(0.15, 0.45)), motion_decorrelation=float(rng.uniform(0.05, 0.12)),
+      thermal_noise=float(rng.uniform(0.12, 0.28)))
