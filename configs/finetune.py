@@ -81,4 +81,5 @@ def get_config(arg=None):
     c.train.patience = 3
     c.optim.lr = 1e-3
     c.eval.bootstrap_resamples = 1000
+    c.eval.calibration = 'platt'   # the demo reports calibrated probabilities
   return c

@@ -152,7 +152,7 @@ def test_simple_bootstrap_skips_and_counts_one_class_resamples_stratified_has_no
   stratified = ev.evaluate_split(videos, studies, n_resamples=500, seed=0)
   assert stratified['bootstrap']['n_degenerate'] == 0
   assert stratified['study']['metrics']['auroc']['n_resamples_used'] == 500
-  assert 'CI rests on 1 positive studies' in stratified['study']['metrics']['auroc']['note']
+  assert 'CI rests on 1 positive study (< 10)' in stratified['study']['metrics']['auroc']['note']
 
 
 def _binormal_coverage(n_sims, n_resamples, d=1.2, n_pos=30, n_neg=70, seed=0):

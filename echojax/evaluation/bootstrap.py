@@ -144,7 +144,11 @@ def _add_note(entry: dict, note: Optional[str]) -> None:
 
 
 def _few_events_note(count: int, what: str) -> Optional[str]:
-  return f'CI rests on {count} {what} (< {MIN_EVENTS}): unstable' if count < MIN_EVENTS else None
+  if count >= MIN_EVENTS:
+    return None
+  if count == 1:  # 'positive studies' → 'positive study', 'predicted negatives' → 'predicted negative'
+    what = what.replace('studies', 'study') if 'studies' in what else what.rstrip('s')
+  return f'CI rests on {count} {what} (< {MIN_EVENTS}): unstable'
 
 
 def _check_kind(bootstrap: str, ci_level: float, n_studies: int) -> None:

@@ -63,8 +63,8 @@ def _summary_markdown(summary: Mapping, title: str) -> str:
   lo_pct, hi_pct = boot['percentiles']
   lines = [f'# {title}', '',
            f"{pct}% CIs: {boot['n_resamples']} {boot.get('resampling', 'simple')} bootstrap resamples of "
-           f"studies (seed {boot['seed']}), {lo_pct:g}th–{hi_pct:g}th percentiles; {boot['n_degenerate']} "
-           'one-class resamples skipped.']
+           f"studies (seed {boot['seed']}), {lo_pct:g}th–{hi_pct:g}th percentiles"
+           + (f"; {boot['n_degenerate']} one-class resamples skipped." if boot['n_degenerate'] else '.')]
   if 'thresholds' in summary:
     chosen = summary['thresholds']['chosen']
     lines.append(f"Thresholds: fixed {summary['thresholds']['fixed']:g}"

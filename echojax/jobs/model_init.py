@@ -67,8 +67,9 @@ def classifier_with_init(cfg, log=print, num_outputs: int = 1):
   return classifier_for(cfg, spec, num_outputs), variables, spec
 
 
-def load_finetuned(workdir: str):
-  """(cfg, model, variables) of a fine-tuning run: its best weights, else its latest checkpoint."""
+def load_finetuned(workdir: str, with_step: bool = False):
+  """(cfg, model, variables) of a fine-tuning run: its best weights, else its latest checkpoint; with_step
+  adds the step those weights were saved at (and 'best' or 'checkpoints', where they came from)."""
   import ml_collections
   cfg_path = os.path.join(workdir, 'config.json')
   if not os.path.exists(cfg_path):
@@ -78,9 +79,9 @@ def load_finetuned(workdir: str):
   spec = json.load(open(spec_path)) if os.path.exists(spec_path) else None
   model = classifier_for(cfg, spec, int(tasks.read_state(workdir).get('num_outputs', 1)))  # head size
   subdir = 'best' if os.path.isdir(os.path.join(workdir, 'best')) else 'checkpoints'
-  _, raw = checkpointing.restore_raw(workdir, subdir=subdir)
+  step, raw = checkpointing.restore_raw(workdir, subdir=subdir)
   variables = {'params': raw['params'], 'batch_stats': raw['batch_stats']}
-  return cfg, model, variables
+  return (cfg, model, variables, (int(step), subdir)) if with_step else (cfg, model, variables)
 
 
 def apply_encoder_init(state, variables):

@@ -1,7 +1,8 @@
-"""Fine-tuning task kinds (binary | multiclass | regression) from the `task` config block: how a record's
-label becomes the training target (a grade name → class index, a continuous value → 0/1 at `binarize_at`,
-a target standardised on the training videos), how many outputs the head has, and the names reports use.
-The per-run part (standardisation, validation threshold, recalibration) is DIR/task_state.json."""
+"""Fine-tuning task kinds (binary | multiclass | regression), made from the `task` config block's values:
+how a record's label becomes the training target (a grade name → class index, a continuous value → 0/1 at
+`binarize_at`, a target standardised on the training videos), how many outputs the head has, and the names
+reports use. The per-run part (standardisation, validation threshold, recalibration) is
+DIR/task_state.json."""
 from __future__ import annotations
 
 import dataclasses
@@ -83,33 +84,33 @@ class Task:
     return 'values' if self.kind == 'regression' else 'logits'
 
 
-def task_from_config(task_cfg, builder=None, workdir: Optional[str] = None) -> Task:
-  """The Task of a `task` config block; `builder` gives ClassLabel names, `workdir` the saved standardisation."""
-  kind = task_cfg.kind
+def make_task(*, kind: str, label_key: str, name: str = '', class_names: Sequence[str] = (),
+              binarize_at: float = -1.0, unit: str = '', builder=None, workdir: Optional[str] = None) -> Task:
+  """The Task of a `task` config block's values; `builder` gives ClassLabel names, `workdir` the saved
+  standardisation (and the class names of a finished run)."""
   if kind not in KINDS:
     raise ValueError(f'task.kind must be one of {" | ".join(KINDS)}, got {kind!r}')
   feature_names = ()
   if builder is not None:
     features = builder.info.features
-    if task_cfg.label_key not in features:
-      raise ValueError(f'task.label_key={task_cfg.label_key!r} is not a feature of {builder.name}; scalar '
+    if label_key not in features:
+      raise ValueError(f'task.label_key={label_key!r} is not a feature of {builder.name}; scalar '
                        f'features: {sorted(k for k, f in features.items() if tuple(f.shape) == ())}')
-    feature_names = tuple(getattr(features[task_cfg.label_key], 'names', ()) or ())
+    feature_names = tuple(getattr(features[label_key], 'names', ()) or ())
   state = read_state(workdir) if workdir else {}
-  class_names = tuple(task_cfg.class_names) or tuple(state.get('class_names', ()))
+  class_names = tuple(class_names) or tuple(state.get('class_names', ()))
   feature_names = feature_names or tuple(state.get('feature_names', ()))
   if kind == 'multiclass' and not class_names:
     class_names = tuple(n for n in feature_names if n != 'unknown')
   if kind == 'multiclass' and len(class_names) < 2:
     raise ValueError(f'task.kind=multiclass needs task.class_names (>= 2) or a ClassLabel label_key; '
-                     f'{task_cfg.label_key!r} has none')
+                     f'{label_key!r} has none')
   if kind == 'binary':
     class_names = class_names or ('negative', 'positive')
     if len(class_names) != 2:
       raise ValueError(f'task.class_names for a binary task are (negative, positive), got {class_names}')
-  binarize_at = float(task_cfg.binarize_at) if kind == 'binary' and task_cfg.binarize_at >= 0 else None
-  return Task(kind=kind, label_key=task_cfg.label_key, name=task_cfg.name or task_cfg.label_key,
-              class_names=class_names, binarize_at=binarize_at, unit=task_cfg.unit,
+  return Task(kind=kind, label_key=label_key, name=name or label_key, class_names=class_names,
+              binarize_at=float(binarize_at) if kind == 'binary' and binarize_at >= 0 else None, unit=unit,
               feature_names=feature_names, target_mean=float(state.get('target_mean', 0.0)),
               target_std=float(state.get('target_std', 1.0)))
 
@@ -131,7 +132,10 @@ def mapped_metadata(meta: Sequence[dict], task: Task) -> list[dict]:
 
 def read_state(workdir: str) -> dict:
   path = os.path.join(workdir, STATE_FILE)
-  return json.load(open(path)) if os.path.exists(path) else {}
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
 
 
 def update_state(workdir: str, **values) -> dict:
