@@ -65,7 +65,11 @@ def main(argv=None):
   parser.add_argument('--out', default='saliency_out')
   parser.add_argument('--max-videos', type=int, default=3, help='per study')
   parser.add_argument('--salt', default=None, help='salt for DICOM ids (default $ECHOJAX_DICOM_SALT)')
+  parser.add_argument('--salt-file', default=None, help='read the salt from this file (as convert_dicom)')
   args = parser.parse_args(argv)
+  if args.salt_file:
+    from echojax.data.convert_dicom import read_salt
+    args.salt = read_salt(None, args.salt_file)
   results, rejects = saliency_for_inputs(args.checkpoint, args.input, args.out, args.salt, args.max_videos)
   if not results:
     raise SystemExit(f'no usable video in the input; {len(rejects)} rejected')
