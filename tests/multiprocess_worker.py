@@ -1,6 +1,8 @@
 """Tiny stand-in models (same output contract as echojax.models) and one SSL train step on a fixed global
 batch; imported by the tests for the single-process reference and run as a script by test_multiprocess.py,
 once per process: `python multiprocess_worker.py --process-id I --num-processes P --port N --out DIR`.
+With `--train`: the trainers' loop contract (checkpoint every 2 steps, the job-wide stop notice, the peer
+watchdog, the job exit codes of echojax.main.finish) on the tiny model, until stopped or killed.
 """
 from __future__ import annotations
 
@@ -155,13 +157,62 @@ def inference_outputs(mesh, batches, num_local_batches: int | None = None) -> di
   return inference.run_inference(apply_fn, batches, mesh, num_local_batches=num_local_batches)
 
 
+def train_until_stopped(args) -> None:
+  """Prints `step N` after each completed step; exits like a job (echojax.main.finish)."""
+  import time
+  import ml_collections
+  from echojax import main as echojax_main
+  from echojax.core import parallel, steps
+  from echojax.jobs import preemption, startup
+  from echojax.jobs.checkpointing import Checkpointer
+  from echojax.jobs.logging_lib import NonFiniteGuard
+
+  cfg = ml_collections.ConfigDict({'distributed': {
+      'mode': 'auto', 'coordinator_address': f'127.0.0.1:{args.port}', 'num_processes': args.num_processes,
+      'process_id': args.process_id, 'peer_timeout_s': args.peer_timeout_s}})
+
+  def job():
+    startup.start_distributed(cfg)
+    mesh = parallel.make_mesh()
+    model = TinySSLModel()
+    host_state = initial_state(model)
+    state = jax.device_put(jax.tree_util.tree_map(np.array, host_state), parallel.replicated(mesh))
+    train_step = startup.jit_train_step(steps.make_ssl_train_step(model, host_state.tx, temperature=0.1), mesh)
+    rows = GLOBAL_BATCH // args.num_processes
+    local = {k: v[args.process_id * rows:(args.process_id + 1) * rows] for k, v in fixed_ssl_batch().items()}
+    ckpt = Checkpointer(args.out, keep=2, save_every=2)
+    guard, step = NonFiniteGuard(), 0
+    try:
+      preemption.install()
+      while True:
+        state, metrics = train_step(state, parallel.host_to_global(local, mesh), jax.random.key(step))
+        step += 1
+        guard.update(metrics['finite'], step)
+        assert guard.first() is None  # a host sync on a replicated global array: the step is done
+        ckpt.maybe_save(step, {'state': state})
+        print(f'step {step}', flush=True)
+        if preemption.should_stop(step):
+          ckpt.preempt(step, {'state': state})
+        time.sleep(args.step_sleep_s)
+    finally:
+      preemption.uninstall()
+      ckpt.close()
+
+  echojax_main.finish(job)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser()
   parser.add_argument('--process-id', type=int, required=True)
   parser.add_argument('--num-processes', type=int, required=True)
   parser.add_argument('--port', type=int, required=True)
   parser.add_argument('--out', required=True)
+  parser.add_argument('--train', action='store_true', help='run the checkpointed loop until stopped')
+  parser.add_argument('--peer-timeout-s', type=float, default=5.0)
+  parser.add_argument('--step-sleep-s', type=float, default=0.2)
   args = parser.parse_args(argv)
+  if args.train:
+    return train_until_stopped(args)
 
   from echojax.core import parallel
 

@@ -1,6 +1,8 @@
-"""End-to-end trainer contracts on tiny data: SSL pretraining writes metrics/config/checkpoints, resumes
-after an interruption with continuing steps, stops on a non-finite loss keeping the last good checkpoint,
-exports an encoder that `load_encoder` serves; fine-tuning honours label fractions and writes reports."""
+"""End-to-end trainer contracts on tiny data: SSL pretraining writes metrics/config/checkpoints (step 1
+logged, rate clocked after compilation), resumes after an interruption with continuing steps, stops on a
+NaN injected at one step — found at the next log step, with no per-step host sync — keeping the last
+good checkpoint, exports an encoder that `load_encoder` serves; fine-tuning honours label fractions and
+writes reports. Preemption, corruption and workdir guards have their own test modules."""
 import json
 import os
 
@@ -12,6 +14,7 @@ import pytest
 from echojax.tools import export
 from echojax.jobs import finetune as finetune_trainer, ssl as ssl_trainer
 from echojax.data import subsets
+from echojax.jobs import logging_lib, startup
 from echojax.jobs.logging_lib import NonFiniteLossError
 from tests import trainer_fixtures as tf_
 
@@ -42,6 +45,9 @@ def test_ssl_run_writes_metrics_config_and_checkpoints(ssl_run):
   assert json.load(open(os.path.join(workdir, 'config.json')))['ssl']['temperature'] == 0.05
   rows = [r for r in _jsonl(os.path.join(workdir, 'metrics.jsonl')) if 'train/loss' in r]
   assert [r['step'] for r in rows] == [1, 2, 3, 4]
+  # each invocation's first step is logged with its compile time; the rate starts after it
+  assert ['first_step_s' in r for r in rows] == [True, False, True, False]
+  assert 'eta_s' in rows[1] and 'eta_s' not in rows[2]
   assert all(np.isfinite(r['train/loss']) and 'train/order_acc' in r for r in rows)
   assert any('probe/auroc' in r for r in _jsonl(os.path.join(workdir, 'metrics.jsonl')))
   steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
@@ -55,31 +61,53 @@ def test_interrupted_run_resumes_from_its_checkpoint(ssl_run):
   assert int(second['state'].step) == 4
 
 
-def test_non_finite_loss_stops_with_the_step_and_keeps_last_checkpoint(ssl_run, data_dir, tmp_path):
+def test_the_non_finite_guard_never_syncs_the_host():
+  guard = logging_lib.NonFiniteGuard()
+  with jax.transfer_guard_device_to_host('disallow'):
+    for step, finite in [(1, 1.0), (2, 1.0), (3, 0.0), (4, 0.0)]:
+      guard.update(jnp.float32(finite), step)
+  assert guard.first() == 3
+
+
+def test_nan_at_one_step_is_found_at_the_next_log_step(data_dir, tmp_path, monkeypatch):
   workdir = str(tmp_path / 'nan')
-  cfg = tf_.ssl_config(data_dir, steps=4)
+  cfg = tf_.ssl_config(data_dir, steps=8)
   cfg.train.stop_after_steps = 2
   ssl_trainer.train(cfg, workdir)
   cfg.train.stop_after_steps = -1
-  cfg.optim.lr = float('nan')  # the first update after the resume makes parameters non-finite
-  # step 3 applies a NaN update (its loss and gradients are still finite); step 4's loss is NaN.
-  with pytest.raises(NonFiniteLossError, match=r'at step 4 .*last good checkpoint: step 2 '):
+  cfg.train.log_every_steps = 4
+  cfg.train.checkpoint_every_steps = 100
+  jit = startup.jit_train_step
+  calls = []
+
+  def jit_with_nan_at_step_5(step_fn, mesh):
+    compiled = jit(step_fn, mesh)
+    def step(state, batch, rng):
+      calls.append(1)
+      if len(calls) == 3:   # the resumed run's third step: global step 5
+        batch = dict(batch, views=batch['views'] * jnp.nan)
+      return compiled(state, batch, rng)
+    return step
+
+  monkeypatch.setattr(startup, 'jit_train_step', jit_with_nan_at_step_5)
+  # logged at steps 3 (first of this invocation) and 8: steps 6 and 7 ran before the host looked
+  with pytest.raises(NonFiniteLossError, match=r'first at step 5 \(seen at step 8\).*last good checkpoint: '
+                                               r'step 2 '):
     ssl_trainer.train(cfg, workdir)
+  assert len(calls) == 6
   steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
   assert max(steps) == 2
 
 
 def test_export_then_load_encoder_round_trip(ssl_run, tmp_path):
-  from echojax import builders
-  from echojax.jobs import checkpointing
-  from echojax.models import load_encoder
+  from echojax.models import factory, load_encoder
   workdir, _, second = ssl_run
   out = export.export_encoder(workdir, str(tmp_path / 'enc'))
   encode = load_encoder(out)
   x = jax.random.uniform(jax.random.key(0), (2, 4, 32, 32, 1))
   cfg = tf_.ssl_config('', steps=4)
   state = second['state']
-  expected = builders.encoder(cfg.model).apply(
+  expected = factory.encoder(**cfg.model).apply(
       {'params': state.params['encoder'], 'batch_stats': state.batch_stats['encoder']}, x, train=False)
   np.testing.assert_allclose(np.asarray(encode(x)), np.asarray(expected), rtol=1e-5, atol=1e-6)
   assert encode(x).shape == (2, 32)
@@ -114,37 +142,15 @@ def test_finetune_missing_init_path_is_named(data_dir, tmp_path):
 
 
 def test_finetune_architecture_mismatch_lists_keys(ssl_run, data_dir, tmp_path):
-  from echojax import builders
+  from echojax.jobs import model_init
   workdir = ssl_run[0]
   cfg = tf_.finetune_config(data_dir, 'ssl', workdir)
-  model, variables, spec = builders.classifier_with_init(cfg)
+  model, variables, spec = model_init.classifier_with_init(cfg)
   bad = jax.tree.map(lambda a: a, variables)
   bad['params']['stem_conv']['kernel'] = np.zeros((3, 7, 7, 1, 5), np.float32)
   from echojax.core import optim, steps
-  state = steps.create_train_state(builders.classifier(cfg), optim.make_optimizer(
+  state = steps.create_train_state(model_init.classifier_for(cfg), optim.make_optimizer(
       cfg.optim, total_steps=1, global_batch_size=8), jax.random.key(0, impl='rbg'),
       jnp.zeros((1, 8, 32, 32, 1)))
   with pytest.raises(ValueError, match=r'stem_conv/kernel: model \(3, 7, 7, 1, 4\) vs checkpoint'):
-    builders.apply_encoder_init(state, bad)
-
-
-def test_sigterm_marks_checkpointer_preempted(tmp_path):
-  import signal
-  from echojax.jobs.checkpointing import Checkpointer
-  ckpt = Checkpointer(str(tmp_path), save_every=100)
-  try:
-    assert not ckpt.should_stop(1)
-    os.kill(os.getpid(), signal.SIGTERM)
-    assert ckpt.should_stop(2)
-  finally:
-    ckpt.close()
-
-
-def test_preemption_saves_a_checkpoint_and_exits(data_dir, tmp_path, monkeypatch):
-  from echojax.jobs import checkpointing
-  workdir = str(tmp_path / 'pre')
-  monkeypatch.setattr(checkpointing.Checkpointer, 'should_stop', lambda self, step: step == 3)
-  with pytest.raises(checkpointing.Preempted, match='preempted at step 3'):
-    ssl_trainer.train(tf_.ssl_config(data_dir, steps=4), workdir)
-  steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
-  assert steps[-1] == 3
+    model_init.apply_encoder_init(state, bad)

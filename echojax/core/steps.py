@@ -1,8 +1,8 @@
 """Pure train/eval step functions and the TrainState they update (SSL pretraining, fine-tuning, evaluation).
 
 The trainer jit-compiles these with in/out shardings and donate_argnums; nothing here knows about devices,
-so a step gives the same result on one device or sharded over many. A step whose loss or gradients are not
-finite returns the state unchanged and metrics['finite'] = 0.
+so a step gives the same result on one device or sharded over many. A step whose loss, gradients or update
+are not finite returns the state unchanged and metrics['finite'] = 0.
 """
 from __future__ import annotations
 
@@ -62,9 +62,11 @@ def _to_float32(tree):
 
 def _guarded_update(state: TrainState, tx: optax.GradientTransformation, grads, new_batch_stats, loss,
                     metrics: Metrics, learning_rate_fn: Callable | None):
-  """Apply the update only if loss and gradients are finite; otherwise keep every field of the old state."""
-  finite = _all_finite(loss, grads)
+  """Apply the update only if loss, gradients and the update itself are finite (a bad learning rate or
+  optimiser moment can turn finite gradients into NaN parameters); otherwise keep every field of the old
+  state. metrics['finite'] stays on device: the trainer accumulates it and checks at log steps."""
   updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
+  finite = _all_finite(loss, grads, updates)
   updated = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                           opt_state=new_opt_state, batch_stats=new_batch_stats)
   new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), updated, state)

@@ -11,12 +11,11 @@ from typing import Any, Callable, Mapping, Optional
 import jax
 import orbax.checkpoint as ocp
 
-from echojax.jobs import preemption
-from echojax.jobs.errors import UserError
+from echojax.jobs.errors import Preempted, UserError
 
 META = 'meta'
 _LEGACY_ITEM = 'default'   # checkpoints written before named items: one unnamed train state
-_OPEN: list['Checkpointer'] = []
+_DIRECTORIES: list[str] = []   # every checkpoint directory this process used, for exit messages
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -33,9 +32,12 @@ def _log(msg: str) -> None:
 
 
 def _reason(error: BaseException) -> str:
-  """The innermost cause's first line (Orbax wraps TensorStore's DATA_LOSS etc. in long generic errors)."""
-  while (error.__cause__ or error.__context__) is not None:
-    error = error.__cause__ or error.__context__
+  """The innermost cause's first line (Orbax wraps TensorStore's DATA_LOSS etc. in long generic errors);
+  control-flow exceptions that a parser raised internally are not causes."""
+  chain = [error]
+  while (chain[-1].__cause__ or chain[-1].__context__) is not None and len(chain) < 20:
+    chain.append(chain[-1].__cause__ or chain[-1].__context__)
+  error = [e for e in chain if not isinstance(e, (StopIteration, StopAsyncIteration))][-1]
   first = (str(error).strip().splitlines() or [''])[0]
   return f'{type(error).__name__}: {first[:200]}'
 
@@ -70,11 +72,11 @@ def _check_shapes(item_dir: str, template: Any, step: int) -> None:
 
 
 def describe_completed() -> str:
-  """'last completed checkpoint: step 40 in DIR' for each open checkpointer (for exit messages)."""
+  """'last completed checkpoint: step 40 in DIR' for each checkpoint directory of this process."""
   parts = []
-  for ckpt in _OPEN:
-    steps = completed_steps(ckpt.directory)
-    parts.append(f'step {steps[-1]} in {ckpt.directory}' if steps else f'none yet in {ckpt.directory}')
+  for directory in _DIRECTORIES:
+    steps = completed_steps(directory)
+    parts.append(f'step {steps[-1]} in {directory}' if steps else f'none yet in {directory}')
   return 'last completed checkpoint: ' + ('; '.join(parts) if parts else 'none')
 
 
@@ -98,7 +100,8 @@ class Checkpointer:
                                              enable_async_checkpointing=async_save))
     # Set by MetricLogger: raises NonFiniteLossError before a save would store a state after a bad step.
     self.before_save: Callable[[int], None] = lambda step: None
-    _OPEN.append(self)
+    if self.directory not in _DIRECTORIES:
+      _DIRECTORIES.append(self.directory)
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
@@ -130,8 +133,8 @@ class Checkpointer:
     """Save step `step`, wait for it to be on disk, then raise Preempted (the job's distinct exit)."""
     self.save(step, items, meta)
     self.wait()
-    raise preemption.Preempted(f'preempted at step {step} ({preemption.describe()}): checkpoint saved in '
-                               f'{self.directory}; rerun the same command to resume')
+    raise Preempted(f'preempted at step {step}: checkpoint saved in {self.directory}; rerun the same '
+                    'command to resume')
 
   def _restore_step(self, step: int, templates: Mapping[str, Any]) -> dict:
     step_dir = os.path.join(self.directory, str(step))
@@ -194,16 +197,25 @@ class Checkpointer:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
-    if self in _OPEN:
-      _OPEN.remove(self)
     self._manager.wait_until_finished()
     self._manager.close()
 
 
+def _local_target(item_dir: str):
+  """The saved tree as abstract arrays on this process's first device: a checkpoint written by another
+  device set (a multi-host job, a GPU box) restores anywhere without the original shardings."""
+  saved = ocp.StandardCheckpointer().metadata(item_dir)
+  if not jax.tree_util.tree_leaves(getattr(saved, 'item_metadata', saved)):
+    raise CheckpointError(f'{item_dir}: no readable array metadata')
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device),
+                      getattr(saved, 'item_metadata', saved))
+
+
 def restore_raw(workdir: str, step: Optional[int] = None, subdir: str = 'checkpoints',
                 item: str = 'state') -> tuple[int, Any]:
-  """(step, item as nested dicts of numpy arrays) of the latest readable (or the given) step of a workdir.
-  Read-only: an unreadable latest step is skipped with a log line, never moved."""
+  """(step, item as nested dicts of arrays on one local device) of the latest readable (or the given) step
+  of a workdir. Read-only: an unreadable latest step is skipped with a log line, never moved."""
   directory = os.path.abspath(os.path.join(workdir, subdir))
   if not os.path.isdir(directory):
     raise CheckpointError(f'no checkpoints directory: {directory}')
@@ -215,9 +227,11 @@ def restore_raw(workdir: str, step: Optional[int] = None, subdir: str = 'checkpo
     for s in steps:
       try:
         present = os.listdir(os.path.join(directory, str(s)))
-        if item not in present and _LEGACY_ITEM in present:
-          return s, m.restore(s, args=ocp.args.StandardRestore())
-        return s, m.restore(s, args=ocp.args.Composite(**{item: ocp.args.StandardRestore()}))[item]
+        name = item if item in present or _LEGACY_ITEM not in present else _LEGACY_ITEM
+        target = _local_target(os.path.join(directory, str(s), name))
+        if name == _LEGACY_ITEM:
+          return s, m.restore(s, args=ocp.args.StandardRestore(target))
+        return s, m.restore(s, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)}))[item]
       except Exception as error:
         problems.append(f'step {s} ({_reason(error)})')
         _log(f'checkpoint step {s} in {directory} is unreadable ({_reason(error)}); trying an older one')

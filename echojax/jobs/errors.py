@@ -17,3 +17,15 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
   """A config value of the wrong type, shape or range, or keys that contradict each other."""
+
+
+class Preempted(SystemExit):
+  """Raised once the preemption checkpoint is written, so nothing carries on with a half-trained model.
+  A SystemExit whose code is EXIT_PREEMPTED; str() is the one-line message."""
+
+  def __init__(self, message: str):
+    super().__init__(EXIT_PREEMPTED)
+    self.message = message
+
+  def __str__(self) -> str:
+    return self.message

@@ -15,12 +15,13 @@ import numpy as np
 from echojax.core import optim, parallel, steps
 from echojax.jobs import evaluate as evaluate_job
 from echojax.jobs import model_init, startup, tasks
-from echojax.jobs.checkpointing import Checkpointer, Preempted
-from echojax.jobs.logging_lib import MetricLogger, NonFiniteLossError, log, metric_collection
+from echojax.jobs import preemption
+from echojax.jobs.checkpointing import Checkpointer
+from echojax.jobs.logging_lib import MetricLogger, log
+from echojax.models import factory
 
 
 def train(cfg, workdir: str) -> dict:
-  from clu import metrics as clu_metrics  # CLU pulls in TensorFlow: orchestration layer only
   from echojax.data import pipeline
 
   # --- mesh ---------------------------------------------------------------------------------------
@@ -30,14 +31,15 @@ def train(cfg, workdir: str) -> dict:
   # --- input: the label fraction is drawn over training studies ---------------------------------
   builder = startup.prepare_dataset(cfg.data, log)
   label_key = cfg.task.label_key
-  task = tasks.task_from_config(cfg.task, builder)
+  task = evaluate_job.task_of(cfg, builder)
   tasks.check_early_stopping_metric(task, cfg.train.early_stopping_metric)
   meta = pipeline.read_video_metadata(builder, cfg.data.train_split)
+  startup.check_clips_fit(cfg, meta)
   subset = tasks.training_subset(task, meta, cfg.frac, cfg.subset_seed, cfg.task.class_weighted)
   task = tasks.with_standardisation(task, subset['targets'], cfg.task.standardize_target)
   chosen, n_videos, pos_weight = subset['chosen'], subset['n_videos'], subset['pos_weight']
   if jax.process_index() == 0:  # evaluation, predict and a rebuilt model read the task from here
-    tasks.update_state(workdir, **tasks.state_of(task))
+    tasks.update_state(workdir, **tasks.state_of(task), train_studies=len(chosen), train_videos=n_videos)
   steps_per_epoch = (cfg.train.steps_per_epoch if cfg.train.steps_per_epoch > 0
                      else max(n_videos // global_batch, 1))
   total_steps = (cfg.train.num_steps if cfg.train.num_steps > 0
@@ -62,28 +64,39 @@ def train(cfg, workdir: str) -> dict:
   train_step = startup.jit_train_step(
       steps.make_finetune_train_step(model, tx, pos_weight=pos_weight,
                                      label_smoothing=cfg.task.label_smoothing, task=task.kind,
-                                     compute_dtype=jnp.dtype(cfg.model.dtype),
+                                     compute_dtype=factory.resolve_dtype(cfg.model.dtype),
                                      learning_rate_fn=optim.make_schedule(cfg.optim, total_steps,
-                                                                          global_batch)),
+                                                                          global_batch),
+                                     accumulate_steps=cfg.train.accumulate_steps, num_shards=mesh.size),
       mesh)
 
-  # --- checkpoints: latest (resume) and best (early stopping) -------------------------------------
+  # --- checkpoints: latest (resume) and best/ (the weights evaluation reads) ----------------------
+  # A latest step holds the train state, the best weights so far and the early-stopping state in one
+  # atomic save, so a resume continues exactly; early_stopping.json is a readable copy.
   ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints, save_every=steps_per_epoch)
   best_ckpt = Checkpointer(workdir, keep=1, subdir='best', async_save=False)
   stop_file = os.path.join(workdir, 'early_stopping.json')
-  es = {'best': None, 'best_step': 0, 'bad_epochs': 0, 'history': []}
+  es = {'best': None, 'best_step': 0, 'bad_epochs': 0, 'history': [], 'stopped_early': False,
+        'pending_validation': None}
+  best = None   # best weights so far (copies: the step donates the state's buffers)
   start_step = 0
-  if ckpt.latest_step() is not None:
-    state = ckpt.restore(state)
-    start_step = int(ckpt.latest_step())
-    if os.path.exists(stop_file):
-      es = json.load(open(stop_file))
-    log(f'resumed from {ckpt.directory} at step {start_step}')
+  restored = ckpt.restore_latest({'state': state, 'best': state_variables(state)})
+  if restored is not None:
+    start_step, items = restored
+    state, best = items['state'], items.get('best')
+    es.update(items.get('meta') or (json.load(open(stop_file)) if os.path.exists(stop_file) else {}))
+    best_ckpt.discard_after(start_step)
+    if best is not None and best_ckpt.latest_step() != es['best_step']:   # keep=1 lost it to that segment
+      best_ckpt.save(es['best_step'], {'state': best}, overwrite=True)
+    log(f'resumed from {ckpt.directory} at step {start_step} (best step {es["best_step"]}, '
+        f'{es["bad_epochs"]} epoch(s) without improvement)')
 
   ds = pipeline.make_dataset(builder, cfg.data.train_split, 'finetune', batch_size=local_batch,
                              cfg=cfg.data, seed=cfg.seed * 1_000_003 + start_step,
                              study_ids=chosen, label_key=label_key)
-  batches = pipeline.as_numpy(ds)
+  # Double-buffered: the next batch is copied to the devices while the current step runs.
+  batches = parallel.prefetch_to_mesh(
+      ({'video': h['video'], 'label': task.train_targets(h['label'])} for h in pipeline.as_numpy(ds)), mesh)
 
   # --- evals: validation loss/AUROC each epoch ----------------------------------------------------
   def validate(state) -> dict:
@@ -92,62 +105,76 @@ def train(cfg, workdir: str) -> dict:
     return evaluate_job.validation_metrics(pred, pos_weight, task)
 
   higher_is_better = cfg.train.early_stopping_metric == 'val_auroc'
-  logger = MetricLogger(workdir, total_steps, clips_per_step=global_batch)
+  logger = MetricLogger(workdir, total_steps, log_every=cfg.train.log_every_steps, clips_per_step=global_batch,
+                        checkpointer=ckpt)   # its guard is checked at log steps and before every save
+
+  def items() -> dict:
+    return {'state': state, **({'best': best} if best is not None else {})}
+
+  def end_of_epoch(step) -> bool:
+    """Validation → early-stopping state → best weights → checkpoint; True when training stops early."""
+    nonlocal best
+    logger.check_finite(step)   # best/ must never hold weights from after a non-finite step
+    es['pending_validation'] = step
+    try:
+      val = validate(state)
+    except preemption.Preempted:   # a notice during validation: save now, validate first on resume
+      ckpt.preempt(step, items(), es)
+    es['pending_validation'] = None
+    logger.write(step, val, prefix='')
+    score = val[cfg.train.early_stopping_metric]
+    improved = es['best'] is None or (score > es['best'] if higher_is_better else score < es['best'])
+    if improved and math.isfinite(score):
+      es.update(best=float(score), best_step=step, bad_epochs=0)
+      best = jax.tree.map(jnp.copy, state_variables(state))
+      best_ckpt.save(step, {'state': best}, overwrite=True)
+    else:
+      es['bad_epochs'] += 1
+    es['history'].append({'step': step, **{k: float(v) for k, v in val.items()}})
+    es['stopped_early'] = es['bad_epochs'] >= cfg.train.patience
+    ckpt.save(step, items(), es)
+    if jax.process_index() == 0:
+      with open(stop_file, 'w') as f:
+        json.dump(es, f, indent=1)
+    if es['stopped_early']:
+      log(f'early stopping at step {step}: no {cfg.train.early_stopping_metric} improvement for '
+          f'{cfg.train.patience} epochs; best step {es["best_step"]}')
+    return es['stopped_early']
+
   logger.start(start_step)
   rng = jax.random.key(cfg.seed + 1)
-  acc, step, stopped_early = None, start_step, False
+  step, stopped_early = start_step, es['stopped_early']
   try:
-    while step < total_steps:
-      host = next(batches)
-      batch = parallel.host_to_global({'video': host['video'], 'label': task.train_targets(host['label'])},
-                                      mesh)
+    preemption.install()
+    if es['pending_validation'] == step and not stopped_early:
+      stopped_early = end_of_epoch(step)   # the validation a notice interrupted
+    while step < total_steps and not stopped_early:
+      batch = next(batches)
       state, metrics = train_step(state, batch, jax.random.fold_in(rng, step))
       step += 1
-      if not bool(metrics['finite']):
-        raise NonFiniteLossError(f'non-finite loss/gradient at step {step}; last good checkpoint: '
-                                 f'step {ckpt.latest_step()} in {ckpt.directory}')
-      update = metric_collection(clu_metrics, metrics).single_from_model_output(**metrics)
-      acc = update if acc is None else acc.merge(update)
-      if step % cfg.train.log_every_steps == 0:
-        logger.write(step, acc.compute(), prefix='train/')
-        acc = None
+      logger.accumulate(metrics, step)
+      if logger.due(step):
+        logger.write_accumulated(step, prefix='train/')
       if step % steps_per_epoch == 0 or step == total_steps:
-        val = validate(state)
-        logger.write(step, val, prefix='')
-        score = val[cfg.train.early_stopping_metric]
-        improved = es['best'] is None or (score > es['best'] if higher_is_better else score < es['best'])
-        if improved and math.isfinite(score):
-          es.update(best=float(score), best_step=step, bad_epochs=0)
-          best_ckpt.maybe_save(step, state, force=True)
-        else:
-          es['bad_epochs'] += 1
-        es['history'].append({'step': step, **{k: float(v) for k, v in val.items()}})
-        ckpt.maybe_save(step, state, force=True)
-        if jax.process_index() == 0:
-          json.dump(es, open(stop_file, 'w'), indent=1)
-        if es['bad_epochs'] >= cfg.train.patience:
-          log(f'early stopping at step {step}: no {cfg.train.early_stopping_metric} improvement for '
-              f'{cfg.train.patience} epochs; best step {es["best_step"]}')
-          stopped_early = True
-          break
-      if ckpt.should_stop(step):
-        ckpt.maybe_save(step, state, force=True)
-        ckpt.wait()
-        raise Preempted(f'preempted at step {step}: checkpoint saved; rerun the same command to resume')
+        stopped_early = end_of_epoch(step)
+      if preemption.should_stop(step):
+        ckpt.preempt(step, items(), es)
       if cfg.train.stop_after_steps > 0 and step - start_step >= cfg.train.stop_after_steps:
-        ckpt.maybe_save(step, state, force=True)
+        ckpt.save(step, items(), es)
         log(f'stopping at step {step} (checkpoint saved); rerun the same command to resume')
         return {'step': step, 'interrupted': True}
-  finally:
-    ckpt.close()
-    logger.close()
 
-  # --- best weights → final evaluation ------------------------------------------------------------
-  if best_ckpt.latest_step() is not None:
-    state = best_ckpt.restore(state)
-    log(f'restored best weights from step {best_ckpt.latest_step()}')
-  best_ckpt.close()
-  reports = evaluate_job.evaluate_splits(cfg, builder, model, state_variables(state), mesh, workdir)
+    # --- best weights → final evaluation (a notice here exits; the rerun evaluates again) ----------
+    if best is not None:
+      log(f'best weights: step {es["best_step"]} ({cfg.train.early_stopping_metric} {es["best"]:.4g})')
+    variables = best if best is not None else state_variables(state)
+    reports = evaluate_job.evaluate_splits(cfg, builder, model, variables, mesh, workdir)
+  finally:
+    preemption.uninstall()
+    ckpt.close()
+    best_ckpt.close()
+    logger.close()
+    startup.end_run(workdir)
   return {'step': step, 'stopped_early': stopped_early, 'best': es, 'reports': reports,
           'pos_weight': pos_weight, 'train_studies': len(chosen)}
 

@@ -95,7 +95,8 @@ class MetricLogger:
   def write_accumulated(self, step: int, prefix: str = 'train/') -> dict:
     """Checks the guard, then writes the means since the last write."""
     self.check_finite(step)
-    record = self.write(step, self._acc.compute() if self._acc is not None else {}, prefix=prefix)
+    record = self.write(step, self._acc.compute() if self._acc is not None else {}, prefix=prefix,
+                        clock=True)
     self._acc = None
     return record
 
@@ -111,16 +112,17 @@ class MetricLogger:
     raise NonFiniteLossError(f'non-finite loss/gradient/update first at step {bad} (seen at step {step}); '
                              f'those updates were not applied{where}')
 
-  def write(self, step: int, scalars: Mapping[str, float], prefix: str = '') -> dict:
+  def write(self, step: int, scalars: Mapping[str, float], prefix: str = '', clock: bool = False) -> dict:
+    """clock: a train-step write; the first one ends compilation and starts the rate/ETA clock."""
     record = {'step': int(step)}
     for k, v in scalars.items():
       v = float(np.asarray(v))
       record[prefix + k] = v if math.isfinite(v) else str(v)
     now = time.time()
-    if self._t0 is None:  # the first write ends compilation: the rate and ETA start from here
+    if self._t0 is None and clock:
       record['first_step_s'] = now - self._created
       self._t0, self._step0 = now, step
-    elif step > self._step0:
+    elif self._t0 is not None and step > self._step0:
       rate = (step - self._step0) / (now - self._t0)
       record['steps_per_s'] = rate
       if self.clips_per_step:

@@ -11,10 +11,11 @@ import time
 
 import jax
 
+from echojax.jobs import checkpointing, workdir
 from echojax.jobs.errors import EXIT_PEER_LOST
 
 _ALIVE, _FAILED = 'echojax/alive/', 'echojax/failed/'
-_watch = {'thread': None, 'timeout_s': None, 'verdict': threading.Event()}
+_watch = {'thread': None, 'timeout_s': None, 'last_ok': 0.0, 'verdict': threading.Event()}
 
 
 def _client():
@@ -25,7 +26,7 @@ def _client():
 def _lost(process: int, why: str) -> None:
   """Ends this process at once: its peers cannot finish a collective or a multi-process save without
   `process`, and JAX's shutdown would wait for it."""
-  from echojax.jobs import checkpointing
+  workdir.release_all()
   me, n = jax.process_index(), jax.process_count()
   _watch['verdict'].set()
   print(f'echojax: process {me} of {n}: lost process {process} ({why}); exiting with code {EXIT_PEER_LOST}. '
@@ -34,12 +35,26 @@ def _lost(process: int, why: str) -> None:
   os._exit(EXIT_PEER_LOST)
 
 
+def _interval(timeout_s: float) -> float:
+  return min(max(timeout_s / 10, 0.2), 5.0)
+
+
+def _monitor(timeout_s: float) -> None:
+  """A store round trip that fails or hangs (a stopped coordinator never answers) for timeout_s means
+  process 0, which hosts the store, is gone; checked here because the heartbeat thread may be stuck."""
+  while True:
+    time.sleep(_interval(timeout_s))
+    silent = time.monotonic() - _watch['last_ok']
+    if silent > timeout_s:
+      _lost(0, f'the coordinator has not answered for {silent:.0f} s: dead or hung')
+
+
 def _run(client, me: int, n: int, timeout_s: float) -> None:
-  interval = min(max(timeout_s / 10, 0.2), 5.0)
+  interval = _interval(timeout_s)
   start = time.monotonic()
   last_seen = {p: start for p in range(n) if p != me}
   last_value: dict[int, str] = {}
-  last_ok, count = start, 0
+  count = 0
   while True:
     count += 1
     now = time.monotonic()
@@ -47,10 +62,8 @@ def _run(client, me: int, n: int, timeout_s: float) -> None:
       client.key_value_set(f'{_ALIVE}{me}', str(count), allow_overwrite=True)
       alive = client.key_value_dir_get(_ALIVE)
       failed = client.key_value_dir_get(_FAILED)
-      last_ok = now
-    except Exception as e:  # the coordinator (process 0) hosts the store: unreachable means it is gone
-      if me != 0 and now - last_ok > timeout_s:
-        _lost(0, f'the coordinator has not answered for {now - last_ok:.0f} s: {str(e).splitlines()[0][:120]}')
+      _watch['last_ok'] = time.monotonic()
+    except Exception:  # the monitor thread decides when the store has been unreachable for too long
       time.sleep(interval)
       continue
     for key, reason in failed:
@@ -74,10 +87,13 @@ def start_watchdog(timeout_s: float) -> bool:
   client = _client() if jax.process_count() > 1 else None
   if client is None:
     return False
-  _watch['timeout_s'] = float(timeout_s)
+  _watch['timeout_s'], _watch['last_ok'] = float(timeout_s), time.monotonic()
   thread = threading.Thread(target=_run, args=(client, jax.process_index(), jax.process_count(),
                                                float(timeout_s)), name='echojax-peer-watchdog', daemon=True)
   thread.start()
+  if jax.process_index() != 0:
+    threading.Thread(target=_monitor, args=(float(timeout_s),),
+                     name='echojax-coordinator-monitor', daemon=True).start()
   _watch['thread'] = thread
   return True
 
@@ -101,4 +117,4 @@ def wait_for_verdict() -> None:
   """After an unexpected error (often a collective that failed because a peer died): gives the watchdog
   one timeout to name the lost process (it then exits the process); returns if every peer is alive."""
   if running():
-    _watch['verdict'].wait(_watch['timeout_s'] + 2 * min(max(_watch['timeout_s'] / 10, 0.2), 5.0))
+    _watch['verdict'].wait(_watch['timeout_s'] + 2 * _interval(_watch['timeout_s']))

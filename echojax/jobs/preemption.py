@@ -1,6 +1,8 @@
 """The one process-wide stop-notice path every trainer (and each of its checkpoint managers) shares: SIGTERM
-or SIGINT → a flag the loop reads after each step; in a jax.distributed job JAX's own preemption sync
-(its notifier owns SIGTERM there) picks the step at which every process stops together."""
+or SIGINT → a flag the loop reads after each step (then it saves and exits EXIT_PREEMPTED), plus a deadline
+that ends the process DEADLINE_S after the notice even if the main thread is stuck in a long compile or
+save. In a jax.distributed job JAX's own notifier owns SIGTERM and its sync point picks the step at which
+every process stops together."""
 from __future__ import annotations
 
 import contextlib
@@ -10,22 +12,14 @@ import sys
 import threading
 import time
 
-from echojax.jobs.errors import EXIT_PREEMPTED
+from echojax.jobs import checkpointing, workdir
+from echojax.jobs.errors import EXIT_PREEMPTED, Preempted  # noqa: F401  (Preempted: re-exported)
 
+# SLURM's default grace between SIGTERM and SIGKILL is 30 s; leave room for the interpreter to exit.
+DEADLINE_S = 25.0
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
-_state = {'depth': 0, 'previous': {}, 'notice': None, 'time': None}
-
-
-class Preempted(SystemExit):
-  """Raised once the preemption checkpoint is written, so nothing carries on with a half-trained model.
-  A SystemExit whose code is EXIT_PREEMPTED; str() is the one-line message."""
-
-  def __init__(self, message: str):
-    super().__init__(EXIT_PREEMPTED)
-    self.message = message
-
-  def __str__(self) -> str:
-    return self.message
+_state = {'depth': 0, 'previous': {}, 'notice': None, 'time': None, 'wakeup': None, 'deadline': None,
+          'sigints': 0, 'sigint_calls': 0}
 
 
 def _distributed_sync_manager():
@@ -38,20 +32,57 @@ def _distributed_sync_manager():
   return state.preemption_sync_manager if state.client is not None else None
 
 
-def _on_signal(signum, frame):
-  name = signal.Signals(signum).name
+def _deadline_exit() -> None:
+  workdir.release_all()
+  print(f'echojax: could not save within {DEADLINE_S:.0f} s of the {_state["notice"]}; exiting now with code '
+        f'{EXIT_PREEMPTED}. {checkpointing.describe_completed()}; rerun the same command to resume.',
+        file=sys.stderr, flush=True)
+  os._exit(EXIT_PREEMPTED)
+
+
+def _notice(signum: int) -> None:
+  """Records the first notice (from the wakeup thread, so it is seen while the main thread is in C++)."""
   if _state['notice'] is not None:
-    if signum == signal.SIGINT:  # a second Ctrl-C: the user does not want to wait for the checkpoint
-      raise KeyboardInterrupt
     return
-  _state['notice'], _state['time'] = name, time.time()
-  print(f'echojax: {name} received: finishing the step, saving a checkpoint, then exiting '
+  _state['notice'], _state['time'] = signal.Signals(signum).name, time.time()
+  print(f'echojax: {_state["notice"]} received: finishing the step, saving a checkpoint, then exiting '
         '(Ctrl-C again to abort without saving)', file=sys.stderr, flush=True)
+  timer = threading.Timer(DEADLINE_S, _deadline_exit)
+  timer.daemon = True
+  timer.start()
+  _state['deadline'] = timer
+
+
+def _watch_wakeup_fd(read_fd: int) -> None:
+  while True:
+    try:
+      data = os.read(read_fd, 64)
+    except OSError:
+      return
+    if not data:  # uninstall closed the write end
+      os.close(read_fd)
+      return
+    for signum in data:
+      if signum in _SIGNALS:
+        _state['sigints'] += signum == signal.SIGINT
+        _notice(signum)
+
+
+def _on_signal(signum, frame):
+  # Runs when the main thread next executes Python (the wakeup thread usually saw the signal first);
+  # deliveries are counted on both sides because several can coalesce into one call here.
+  if signum == signal.SIGINT:
+    _state['sigint_calls'] += 1
+    if max(_state['sigints'], _state['sigint_calls']) >= 2:
+      raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait for the checkpoint
+  _notice(signum)
 
 
 def _forward_to_jax(signum, frame):
   # JAX's notifier listens for SIGTERM only; re-sending it makes Ctrl-C a job-wide notice as well.
-  _state['notice'] = _state['notice'] or signal.Signals(signum).name
+  if _state['notice'] is not None:
+    raise KeyboardInterrupt
+  _state['notice'], _state['time'] = signal.Signals(signum).name, time.time()
   os.kill(os.getpid(), signal.SIGTERM)
 
 
@@ -60,13 +91,19 @@ def install() -> None:
   _state['depth'] += 1
   if _state['depth'] > 1 or threading.current_thread() is not threading.main_thread():
     return
-  _state['notice'] = None
-  # With JAX's sync manager, a Python SIGTERM handler would replace its C++ one and the notice would
-  # never reach the other processes, so only SIGINT is handled here (forwarded as SIGTERM).
-  handlers = ({signal.SIGINT: _forward_to_jax} if _distributed_sync_manager() is not None
-              else {s: _on_signal for s in _SIGNALS})
-  for signum, handler in handlers.items():
-    _state['previous'][signum] = signal.signal(signum, handler)
+  reset()
+  if _distributed_sync_manager() is not None:
+    # A Python SIGTERM handler would replace JAX's C++ one and the notice would never reach the other
+    # processes, so only SIGINT is handled here (forwarded as SIGTERM).
+    _state['previous'][signal.SIGINT] = signal.signal(signal.SIGINT, _forward_to_jax)
+    return
+  for signum in _SIGNALS:
+    _state['previous'][signum] = signal.signal(signum, _on_signal)
+  read_fd, write_fd = os.pipe()
+  os.set_blocking(write_fd, False)
+  previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+  threading.Thread(target=_watch_wakeup_fd, args=(read_fd,), name='echojax-stop-notice', daemon=True).start()
+  _state['wakeup'] = (read_fd, write_fd, previous_fd)
 
 
 def uninstall() -> None:
@@ -76,12 +113,18 @@ def uninstall() -> None:
   for signum, handler in _state['previous'].items():
     signal.signal(signum, handler)
   _state['previous'].clear()
-  reset()  # the notice was acted on (Preempted carries it); a later phase must not see it again
+  if _state['wakeup'] is not None:
+    read_fd, write_fd, previous_fd = _state['wakeup']
+    signal.set_wakeup_fd(previous_fd)
+    os.close(write_fd)   # ends the watcher thread
+    _state['wakeup'] = None
+  # The job has returned or raised Preempted: main exits at once from here, a library caller decides.
+  reset()
 
 
 @contextlib.contextmanager
 def listening():
-  """`with listening():` around a training loop: notices set a flag instead of killing the process."""
+  """`with listening():` around a job: notices set a flag (and start the deadline) instead of killing."""
   install()
   try:
     yield
@@ -114,9 +157,11 @@ def check(where: str) -> None:
   """Raise Preempted inside a long phase (validation, evaluation, probe) when a notice has arrived; only
   single-process runs, where no other process waits in a collective for this one."""
   if requested():
-    raise Preempted(f'preempted during {where} ({describe()})')
+    raise Preempted(f'preempted during {where} ({describe()}); rerun the same command to resume')
 
 
 def reset() -> None:
-  """Forget a notice (tests, or a library caller that handled the Preempted exit itself)."""
-  _state['notice'], _state['time'] = None, None
+  """Forget a notice and cancel its deadline (a new job, or a test that handled the Preempted exit)."""
+  if _state['deadline'] is not None:
+    _state['deadline'].cancel()
+  _state.update(notice=None, time=None, deadline=None, sigints=0, sigint_calls=0)

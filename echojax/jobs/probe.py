@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from echojax.jobs.logging_lib import progress
+
 
 def encode_videos(cfg, builder, encoder, variables, mesh, split: str, max_videos: int) -> dict:
   """Clip-averaged eval-mode features of up to `max_videos` videos of `split` (eval-mode clips)."""
@@ -28,7 +30,8 @@ def encode_videos(cfg, builder, encoder, variables, mesh, split: str, max_videos
                              label_key=cfg.probe.label_key)
   n_batches = math.ceil(max_videos / (batch * jax.process_count()))
   ds = ds.take(n_batches)
-  return inference.run_inference(apply, pipeline.as_numpy(ds), mesh, num_local_batches=n_batches)
+  batches = progress(pipeline.as_numpy(ds), f'probe features ({split})', n_batches)
+  return inference.run_inference(apply, batches, mesh, num_local_batches=n_batches)
 
 
 def linear_probe_auroc(cfg, builder, model, state, mesh) -> dict:

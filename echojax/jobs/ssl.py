@@ -13,8 +13,9 @@ import numpy as np
 from echojax.core import optim, parallel, steps
 from echojax.jobs import config_lib, startup
 from echojax.models import factory
-from echojax.jobs.checkpointing import Checkpointer, Preempted
-from echojax.jobs.logging_lib import MetricLogger, NonFiniteLossError, log, metric_collection
+from echojax.jobs import preemption
+from echojax.jobs.checkpointing import Checkpointer
+from echojax.jobs.logging_lib import MetricLogger, log
 
 
 def examples_per_epoch(meta: list[dict], pairing: str, pairs_per_study: str) -> int:
@@ -31,7 +32,6 @@ def examples_per_epoch(meta: list[dict], pairing: str, pairs_per_study: str) -> 
 
 
 def train(cfg, workdir: str) -> dict:
-  from clu import metrics as clu_metrics  # CLU pulls in TensorFlow: orchestration layer only
   from echojax.data import pipeline
 
   # --- mesh ---------------------------------------------------------------------------------------
@@ -42,6 +42,7 @@ def train(cfg, workdir: str) -> dict:
   # --- input --------------------------------------------------------------------------------------
   builder = startup.prepare_dataset(cfg.data, log)
   meta = pipeline.read_video_metadata(builder, cfg.data.train_split)
+  startup.check_clips_fit(cfg, meta)
   n_examples = examples_per_epoch(meta, cfg.ssl.pairing, cfg.data.pairs_per_study)
   total_steps, steps_per_epoch = config_lib.steps_from_duration(
       cfg.train, examples_per_epoch=n_examples, global_batch_size=global_batch)
@@ -61,24 +62,27 @@ def train(cfg, workdir: str) -> dict:
   train_step = startup.jit_train_step(
       steps.make_ssl_train_step(model, tx, temperature=cfg.ssl.temperature,
                                 order_weight=cfg.ssl.order_weight if cfg.data.frame_order else 0.0,
-                                compute_dtype=jnp.dtype(cfg.model.dtype),
-                                learning_rate_fn=optim.make_schedule(cfg.optim, total_steps, global_batch)),
+                                compute_dtype=factory.resolve_dtype(cfg.model.dtype),
+                                learning_rate_fn=optim.make_schedule(cfg.optim, total_steps, global_batch),
+                                microbatch_size=cfg.train.microbatch_size, num_shards=mesh.size),
       mesh)
 
   # --- checkpoint / resume ------------------------------------------------------------------------
   ckpt = Checkpointer(workdir, keep=cfg.train.keep_checkpoints,
                       save_every=cfg.train.checkpoint_every_steps)
   start_step = 0
-  if ckpt.latest_step() is not None:
-    state = ckpt.restore(state)
-    start_step = int(ckpt.latest_step())
+  restored = ckpt.restore_latest({'state': state})   # falls back past unreadable steps
+  if restored is not None:
+    start_step, state = restored[0], restored[1]['state']
     log(f'resumed from {ckpt.directory} at step {start_step}')
 
   # Reseeding from the step makes a resumed run deterministic given (seed, step) without storing
   # tf.data iterator state (shuffle buffers) in the checkpoint.
   ds = pipeline.make_dataset(builder, cfg.data.train_split, cfg.ssl.pairing, batch_size=local_batch,
                              cfg=cfg.data, seed=cfg.seed * 1_000_003 + start_step)
-  batches = pipeline.as_numpy(ds)
+  # Double-buffered: the next batch is copied to the devices while the current step runs.
+  batches = parallel.prefetch_to_mesh(
+      ({k: v for k, v in b.items() if k in ('views', 'order_label')} for b in pipeline.as_numpy(ds)), mesh)
 
   # --- evals: the linear probe --------------------------------------------------------------------
   def probe(step, state):
@@ -86,44 +90,40 @@ def train(cfg, workdir: str) -> dict:
     return probe_lib.linear_probe_auroc(cfg, builder, model, state, mesh)
 
   # --- loop ---------------------------------------------------------------------------------------
-  logger = MetricLogger(workdir, total_steps, clips_per_step=2 * global_batch)
+  # The logger checks the on-device non-finite guard at log steps and before every save (no per-step sync).
+  logger = MetricLogger(workdir, total_steps, log_every=cfg.train.log_every_steps,
+                        clips_per_step=2 * global_batch, checkpointer=ckpt)
   logger.start(start_step)
   rng = jax.random.key(cfg.seed + 1)
-  acc = None
   last = {}
   step = start_step
   stop_after = cfg.train.stop_after_steps
   try:
+    preemption.install()
     while step < total_steps:
-      host_batch = next(batches)
-      batch = parallel.host_to_global(
-          {k: v for k, v in host_batch.items() if k in ('views', 'order_label')}, mesh)
+      batch = next(batches)
       state, metrics = train_step(state, batch, jax.random.fold_in(rng, step))
       step += 1
-      if not bool(metrics['finite']):
-        ckpt.wait()
-        raise NonFiniteLossError(
-            f'non-finite loss/gradient at step {step} (loss={float(metrics["loss"])}); the update was '
-            f'not applied; last good checkpoint: step {ckpt.latest_step()} in {ckpt.directory}')
-      update = metric_collection(clu_metrics, metrics).single_from_model_output(**metrics)
-      acc = update if acc is None else acc.merge(update)
-      if step % cfg.train.log_every_steps == 0 or step == total_steps:
-        last = logger.write(step, acc.compute(), prefix='train/')
-        acc = None
+      logger.accumulate(metrics, step)
+      if logger.due(step):
+        last = logger.write_accumulated(step, prefix='train/')
       if cfg.probe.every_steps > 0 and (step % cfg.probe.every_steps == 0 or step == total_steps):
-        last.update(logger.write(step, probe(step, state), prefix='probe/'))
-      ckpt.maybe_save(step, state, force=step == total_steps)
-      if ckpt.should_stop(step):
-        ckpt.maybe_save(step, state, force=True)
-        ckpt.wait()
-        raise Preempted(f'preempted at step {step}: checkpoint saved; rerun the same command to resume')
+        try:
+          last.update(logger.write(step, probe(step, state), prefix='probe/'))
+        except preemption.Preempted:  # a notice during the probe: skip it, save below and exit
+          pass
+      ckpt.maybe_save(step, {'state': state}, force=step == total_steps)
+      if preemption.should_stop(step):
+        ckpt.preempt(step, {'state': state})
       if stop_after > 0 and step - start_step >= stop_after:
-        ckpt.maybe_save(step, state, force=True)
+        ckpt.maybe_save(step, {'state': state}, force=True)
         log(f'stopping at step {step} (checkpoint saved); rerun the same command to resume')
         break
   finally:
+    preemption.uninstall()
     ckpt.close()
     logger.close()
+    startup.end_run(workdir)
   return {'step': step, 'state': state, 'last_metrics': last, 'total_steps': total_steps}
 
 
