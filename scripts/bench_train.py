@@ -18,10 +18,16 @@ Timings on a shared machine are noisy: compare only numbers from one run, and re
   python scripts/bench_train.py --compare-torch --repeats 5       # ratio vs torch f32
   python scripts/bench_train.py --compare-torch --shapes ssl --dtype float32,bfloat16 --torch-variants f32,bf16,cl
   python scripts/bench_train.py --shapes ssl --dtype bfloat16 --ssl-batch 784 --no-forward   # GPU: 392 pairs
+
+--memory (scripts/bench_memory.py): the compiled SSL step's peak memory from XLA's memory analysis at global
+batches 64…784 clips for none / remat / microbatch / remat+microbatch, the largest batch per 24/40/80 GiB,
+then the step-time cost of each option side by side on a small batch (--time-batch, 0 = skip):
+  python scripts/bench_train.py --memory [--dtype bfloat16] [--memory-batches 64,256,784] [--time-batch 16]
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import itertools
 import os
 import statistics
@@ -213,7 +219,20 @@ def main(argv=None):
   parser.add_argument('--torch-variants', default='f32',
                       help='comma list of f32 (NCDHW), cl (channels_last_3d f32), bf16 (autocast); '
                            'ratios are against the first')
+  parser.add_argument('--memory', action='store_true',
+                      help='peak-memory table of the SSL step per batch and option (see scripts/bench_memory.py)')
+  parser.add_argument('--memory-batches', default='64,128,256,392,512,784', help='global batches in clips')
+  parser.add_argument('--memory-options', default='none,remat,microbatch,remat+microbatch')
+  parser.add_argument('--microbatch', type=int, default=8, help='--memory: pairs per chunk (= bn_group_size)')
+  parser.add_argument('--time-batch', type=int, default=16, help='--memory: clips of the timed steps (0 = none)')
+  parser.add_argument('--time-microbatch', type=int, default=2, help='--memory: pairs per chunk when timing')
   args = parser.parse_args(argv)
+  if args.memory:
+    # A sibling module whether this file runs as a script or is imported as scripts.bench_train.
+    bench_memory = importlib.import_module(f'{__package__}.bench_memory' if __package__ else 'bench_memory')
+    print(f'jax {jax.__version__} backend={jax.default_backend()} devices={len(jax.devices())} '
+          f'device={getattr(jax.devices()[0], "device_kind", "?")} load_avg={os.getloadavg()[0]:.1f}')
+    return bench_memory.run(args, alternating_medians)
   shapes, impls, dtypes = _split(args.shapes), _split(args.conv_impl), _split(args.dtype)
   torch_variants = _split(args.torch_variants)
   for value, allowed, flag in ((shapes, SHAPES, '--shapes'), (impls, ('auto', 'xla', 'gemm'), '--conv-impl'),

@@ -70,6 +70,27 @@ def test_host_to_global_shards_numeric_entries_and_drops_strings():
     parallel.host_to_global({'step': np.int32(3)}, mesh)
 
 
+def test_prefetch_to_mesh_keeps_order_and_transfers_ahead():
+  mesh = parallel.make_mesh()
+  reads = []
+
+  def source():
+    for i in range(5):
+      reads.append(i)
+      yield {'views': np.full((8, 2), i, np.float32), 'video_id': np.array([f'v{i}'] * 8)}
+
+  stream = parallel.prefetch_to_mesh(source(), mesh, size=2, keys=('views',))
+  first = next(stream)
+  assert reads == [0, 1]  # batch 1 was transferred before anyone asked for it
+  assert set(first) == {'views'} and first['views'].sharding.spec == P('data')
+  second = next(stream)  # asking for batch 1 starts batch 2's transfer
+  assert reads == [0, 1, 2] and float(second['views'][0, 0]) == 1.0
+  assert [float(b['views'][0, 0]) for b in stream] == [2.0, 3.0, 4.0]
+  np.testing.assert_array_equal(np.asarray(first['views']), np.zeros((8, 2)))
+  with pytest.raises(ValueError, match='size must be >= 1'):
+    next(parallel.prefetch_to_mesh(source(), mesh, size=0))
+
+
 def test_param_sharding_replicated_and_fsdp():
   mesh = parallel.make_mesh()
   params = {'big': jnp.zeros((3, 64, 128)), 'odd': jnp.zeros((2**15 + 1,)), 'small': jnp.zeros((16,)),

@@ -86,20 +86,19 @@ def ssl_value_and_grad(apply_fn: ApplyFn, params, batch_stats, batch: Mapping[st
     outputs, pullback = jax.vjp(forward, params)
     if not has_order:
       return _tree_add(grads, pullback(d_z)[0]), ()
-    # The global frame-order CE is the mean of the equal-sized chunks' means.
-    (order_loss, order_acc), d_logits = jax.value_and_grad(
-        lambda logits: losses.frame_order_loss(logits, args[3]), has_aux=True)(outputs[1])
+    # The global frame-order CE (and each order metric) is the mean of the equal-sized chunks' means.
+    (_, order_metrics), d_logits = jax.value_and_grad(
+        lambda logits: losses.frame_order_objective(logits, args[3]), has_aux=True)(outputs[1])
     chunk = pullback((d_z, d_logits * (order_weight / chunks)))[0]
-    return _tree_add(grads, chunk), (order_loss / chunks, order_acc / chunks)
+    return _tree_add(grads, chunk), {k: v / chunks for k, v in order_metrics.items()}
 
   xs = (chunk_views, rngs, d_embeddings) + ((split(batch['order_label']),) if has_order else ())
   grads, order = jax.lax.scan(chunk_grads, jax.tree_util.tree_map(jnp.zeros_like, params), xs)
   metrics = {'nt_xent': contrastive, **metrics}
   loss = contrastive
   if has_order:
-    order_loss, order_acc = jnp.sum(order[0]), jnp.sum(order[1])
-    loss = loss + order_weight * order_loss
-    metrics.update(order_loss=order_loss, order_acc=order_acc)
+    metrics.update({k: jnp.sum(v) for k, v in order.items()})
+    loss = loss + order_weight * metrics['order_loss']
   metrics['loss'] = loss
   return (loss, (metrics, _mean_over_chunks(stacked_stats))), grads
 

@@ -154,9 +154,16 @@ def ssl_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, Any], tempera
   if order_logits is not None:
     if 'order_label' not in batch:
       raise KeyError('ssl_loss: the model returns order_logits but the batch has no order_label')
-    order_loss, order_acc = frame_order_loss(order_logits, batch['order_label'])
+    order_loss, order_metrics = frame_order_objective(order_logits, batch['order_label'])
     total = total + order_weight * order_loss
-    metrics.update(order_loss=order_loss, order_acc=order_acc,
-                   order_acc_rev=order_accuracy_up_to_reversal(order_logits, batch['order_label']))
+    metrics.update(order_metrics)
   metrics['loss'] = total
   return total, metrics
+
+
+def frame_order_objective(order_logits: jax.Array, labels: jax.Array):
+  """(mean CE, {order_loss, order_acc, order_acc_rev}) of the frame-order head. Every metric is a mean over
+  clips, so the means of equal-sized chunks average to the batch's (gradcache.py relies on it)."""
+  order_loss, order_acc = frame_order_loss(order_logits, labels)
+  return order_loss, {'order_loss': order_loss, 'order_acc': order_acc,
+                      'order_acc_rev': order_accuracy_up_to_reversal(order_logits, labels)}

@@ -1,11 +1,13 @@
 """Data parallelism over every device of every process: the 1-D 'data' mesh, batch/replicated shardings,
-host-local numpy batches → global jax.Arrays, optional jax.distributed start-up, and the parameter-sharding
-hook (replicated, or a simple FSDP split along the same axis).
+host-local numpy batches → global jax.Arrays (and a double-buffered prefetch of them), optional
+jax.distributed start-up, and the parameter-sharding hook (replicated, or a simple FSDP split).
 """
 from __future__ import annotations
 
+import collections
+import itertools
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -75,6 +77,31 @@ def host_to_global(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]
                        f'the {local_devices} local devices of process {jax.process_index()}')
     global_batch[key] = jax.make_array_from_process_local_data(sharding, value)
   return global_batch
+
+
+def prefetch_to_mesh(batches: Iterable[Mapping[str, Any]], mesh: Mesh, size: int = 2,
+                     keys: Sequence[str] | None = None) -> Iterator[dict[str, jax.Array]]:
+  """Global batches from host-local ones (host_to_global), with `size` batches transferred ahead.
+
+  Transfers and jitted steps are dispatched asynchronously: when the loop asks for batch k+1 (right after
+  dispatching step k), batch k+1 is already on the devices and batch k+1+size starts its transfer while
+  step k runs, so neither the step nor the loop waits on host→device copies. size=2 is double buffering;
+  each buffered batch costs its size in device memory. keys: the entries to transfer (default: all
+  numeric ones).
+  """
+  if size < 1:
+    raise ValueError(f'prefetch_to_mesh: size must be >= 1, got {size}')
+  queue: collections.deque = collections.deque()
+  iterator = iter(batches)
+
+  def enqueue(n: int) -> None:
+    for host in itertools.islice(iterator, n):
+      queue.append(host_to_global(host if keys is None else {k: host[k] for k in keys}, mesh))
+
+  enqueue(size)
+  while queue:
+    yield queue.popleft()
+    enqueue(1)  # runs when the next batch is asked for, i.e. after the step on this one was dispatched
 
 
 def _fsdp_spec(shape: tuple[int, ...], num_shards: int, min_size: int) -> P:

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from flax.core import FrozenDict
 
-from echojax.models.batchnorm import BatchNorm
+from echojax.models.batchnorm import BatchNorm, float32_or_wider
 from echojax.models.resnet3d import ResNet3D, global_average_pool
 
 # torch.nn.Linear's default weight init: U(±1/sqrt(fan_in)) (kaiming_uniform with a=sqrt(5)).
@@ -28,18 +28,19 @@ class ProjectionHead(nn.Module):
 
   'paper': Linear(F→hidden, no bias) → ReLU → Linear(hidden→out, no bias); paper: 512→256→128.
   'simclr_v2': 3 Linear layers each followed by BN (ReLU on the first two; the last BN has no bias),
-  as in SimCLR v2.
+  as in SimCLR v2. bn_group_size: ghost BatchNorm groups in rows (0 = the whole batch).
   """
   kind: str = 'paper'
   hidden_dim: int = 256
   out_dim: int = 128
   bn_momentum: float = 0.1
+  bn_group_size: int = 0
 
   @nn.compact
   def __call__(self, features, train: bool = False):
     if self.kind not in PROJECTION_KINDS:
       raise ValueError(f'projection kind must be one of {PROJECTION_KINDS}, got {self.kind!r}')
-    x = features.astype(jnp.float32)
+    x = float32_or_wider(features)
     if self.kind == 'paper':
       x = nn.Dense(self.hidden_dim, use_bias=False, kernel_init=torch_linear_init, name='dense1')(x)
       x = nn.relu(x)
@@ -48,7 +49,8 @@ class ProjectionHead(nn.Module):
     for i, dim in enumerate(dims):
       last = i == len(dims) - 1
       x = nn.Dense(dim, use_bias=False, kernel_init=torch_linear_init, name=f'dense{i + 1}')(x)
-      x = BatchNorm(self.bn_momentum, use_bias=not last, name=f'bn{i + 1}')(x, train)
+      x = BatchNorm(self.bn_momentum, use_bias=not last, group_size=self.bn_group_size,
+                    name=f'bn{i + 1}')(x, train)
       if not last:
         x = nn.relu(x)
     return x
@@ -61,7 +63,7 @@ class FrameOrderHead(nn.Module):
   @nn.compact
   def __call__(self, features):
     return nn.Dense(self.num_classes, kernel_init=torch_linear_init, name='dense')(
-        features.astype(jnp.float32))
+        float32_or_wider(features))
 
 
 class ClassifierHead(nn.Module):
@@ -75,7 +77,7 @@ class ClassifierHead(nn.Module):
     if self.dropout_on not in DROPOUT_POSITIONS:
       raise ValueError(f'dropout_on must be one of {DROPOUT_POSITIONS}, got {self.dropout_on!r}')
     dropout = nn.Dropout(self.dropout_rate, deterministic=not train)
-    x = features.astype(jnp.float32)
+    x = float32_or_wider(features)
     if self.dropout_on == 'features':
       x = dropout(x)
     x = nn.Dense(self.num_outputs, kernel_init=torch_linear_init, name='dense')(x)
@@ -84,8 +86,8 @@ class ClassifierHead(nn.Module):
     return x
 
 
-def _encoder(encoder_kwargs: Optional[Mapping[str, Any]]) -> ResNet3D:
-  return ResNet3D(**dict(encoder_kwargs or {}), name='encoder')
+def _encoder(encoder_kwargs: Optional[Mapping[str, Any]], **overrides) -> ResNet3D:
+  return ResNet3D(**{**dict(encoder_kwargs or {}), **overrides}, name='encoder')
 
 
 def _frozen(kwargs: Optional[Mapping[str, Any]]) -> Optional[FrozenDict]:
@@ -103,6 +105,8 @@ class SSLModel(nn.Module):
   frame-order head. bn_mode 'global': both views go through ONE encoder call as a (2B,...) batch, so
   BatchNorm statistics span all 2B clips of the global batch. 'per_view': two encoder calls (views[:,0], then
   views[:,1]) with BatchNorm statistics per view, as the paper's code did (running stats update twice).
+  bn_group_size G > 0 (ghost BN, in PAIRS): every BatchNorm takes its statistics over groups of G
+  consecutive pairs — 2G clips in 'global' mode, G clips of one view in 'per_view' mode.
   """
   encoder: Optional[Mapping[str, Any]] = None
   projection: str = 'paper'
@@ -110,6 +114,7 @@ class SSLModel(nn.Module):
   proj_dim: int = 128
   num_order_classes: int = 0
   bn_mode: str = 'global'
+  bn_group_size: int = 0
 
   def __post_init__(self):
     object.__setattr__(self, 'encoder', _frozen(self.encoder))
@@ -122,14 +127,17 @@ class SSLModel(nn.Module):
     if self.bn_mode not in BN_MODES:
       raise ValueError(f'bn_mode must be one of {BN_MODES}, got {self.bn_mode!r}')
     batch = views.shape[0]
-    encoder = _encoder(self.encoder)
+    # Rows of one BatchNorm call per pair: global mode stacks both views pair-major (row 2i + view).
+    group_rows = self.bn_group_size * (2 if self.bn_mode == 'global' else 1)
+    encoder = _encoder(self.encoder, bn_group_size=group_rows)
     if self.bn_mode == 'global':
       features = encoder(views.reshape((2 * batch,) + views.shape[2:]), train)
       features = features.reshape(batch, 2, -1)
     else:
       features = jnp.stack([encoder(views[:, 0], train), encoder(views[:, 1], train)], axis=1)
     flat = features.reshape(2 * batch, -1)
-    projection = ProjectionHead(self.projection, self.proj_hidden, self.proj_dim, name='projection')
+    projection = ProjectionHead(self.projection, self.proj_hidden, self.proj_dim,
+                                bn_group_size=group_rows, name='projection')
     if self.projection == 'simclr_v2' and self.bn_mode == 'per_view':
       embeddings = jnp.stack([projection(features[:, 0], train), projection(features[:, 1], train)], 1)
     else:
@@ -155,6 +163,11 @@ class Classifier(nn.Module):
   def __post_init__(self):
     object.__setattr__(self, 'encoder_kwargs', _frozen(self.encoder_kwargs))
     super().__post_init__()
+
+  @property
+  def bn_group_size(self) -> int:
+    """Ghost-BN group of the encoder in clips (0 = the whole batch); read by the chunked train step."""
+    return int((self.encoder_kwargs or {}).get('bn_group_size', 0))
 
   def setup(self):
     self.encoder = _encoder(self.encoder_kwargs)

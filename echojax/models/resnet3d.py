@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from echojax.models.batchnorm import BatchNorm
+from echojax.models.batchnorm import BatchNorm, float32_or_wider
 from echojax.models.conv import conv3d
 
 # torchvision's VideoResNet init: kaiming_normal_(mode='fan_out', nonlinearity='relu'), untruncated.
@@ -47,12 +47,14 @@ class BasicBlock(nn.Module):
   dtype: Any = jnp.float32
   bn_momentum: float = 0.1
   bn_eps: float = 1e-5
+  bn_group_size: int = 0
 
   @nn.compact
   def __call__(self, x, train: bool):
     conv = lambda feats, k, s, p, name: Conv3D(feats, (k,) * 3, (s,) * 3, (p,) * 3, self.conv_impl,
                                                self.dtype, name=name)
-    bn = lambda name: BatchNorm(self.bn_momentum, self.bn_eps, dtype=self.dtype, name=name)
+    bn = lambda name: BatchNorm(self.bn_momentum, self.bn_eps, dtype=self.dtype,
+                                group_size=self.bn_group_size, name=name)
     residual = x
     y = conv(self.features, 3, self.stride, 1, 'conv1')(x)
     y = nn.relu(bn('bn1')(y, train))
@@ -66,14 +68,15 @@ class BasicBlock(nn.Module):
 
 def global_average_pool(feature_map: jax.Array) -> jax.Array:
   """AdaptiveAvgPool3d(1) + flatten: (B,T,H,W,C) → (B,C), accumulated in float32."""
-  return jnp.mean(feature_map.astype(jnp.float32), axis=(1, 2, 3))
+  return jnp.mean(float32_or_wider(feature_map), axis=(1, 2, 3))
 
 
 class ResNet3D(nn.Module):
   """R3D encoder: (B,T,H,W,C) float → (B, 8·width) features after global average pooling.
 
   `dtype` is the compute dtype (params stay float32); `bn_momentum` is torch's convention; `remat`
-  rematerialises each residual block in the backward pass. Input channels are taken from `x`.
+  rematerialises each residual block in the backward pass; `bn_group_size` > 0 = ghost BatchNorm over
+  groups of that many consecutive clips (train mode only). Input channels are taken from `x`.
   """
   width: int = 64
   stage_depths: Sequence[int] = (2, 2, 2, 2)
@@ -84,6 +87,7 @@ class ResNet3D(nn.Module):
   bn_momentum: float = 0.1
   bn_eps: float = 1e-5
   remat: bool = False
+  bn_group_size: int = 0
 
   @property
   def feature_dim(self) -> int:
@@ -97,14 +101,15 @@ class ResNet3D(nn.Module):
       raise ValueError(f'ResNet3D expects (B,T,H,W,C) input, got shape {x.shape}')
     y = Conv3D(self.width, (3, 7, 7), (1, 2, 2), (1, 3, 3), self.conv_impl, self.dtype,
                name='stem_conv')(x)
-    y = BatchNorm(self.bn_momentum, self.bn_eps, dtype=self.dtype, name='stem_bn')(y, train)
+    y = BatchNorm(self.bn_momentum, self.bn_eps, dtype=self.dtype, group_size=self.bn_group_size,
+                  name='stem_bn')(y, train)
     y = nn.relu(y)
     block_cls = nn.remat(BasicBlock, static_argnums=(2,)) if self.remat else BasicBlock
     for stage, depth in enumerate(self.stage_depths):
       for index in range(depth):
         stride = 2 if stage > 0 and index == 0 else 1
         y = block_cls(self.width * 2 ** stage, stride, self.conv_impl, self.dtype, self.bn_momentum,
-                      self.bn_eps, name=f'layer{stage + 1}_{index}')(y, train)
+                      self.bn_eps, self.bn_group_size, name=f'layer{stage + 1}_{index}')(y, train)
     features = global_average_pool(y)
     return (features, y) if return_feature_map else features
 
