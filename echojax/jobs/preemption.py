@@ -53,7 +53,7 @@ def _notice(signum: int) -> None:
   _state['deadline'] = timer
 
 
-def _watch_wakeup_fd(read_fd: int) -> None:
+def _watch_wakeup_fd(read_fd: int, generation: int) -> None:
   while True:
     try:
       data = os.read(read_fd, 64)
@@ -62,6 +62,8 @@ def _watch_wakeup_fd(read_fd: int) -> None:
     if not data:  # uninstall closed the write end
       os.close(read_fd)
       return
+    if _state.get('generation') != generation:
+      continue  # uninstalled meanwhile: a byte still in the pipe must not start a deadline for a finished job
     for signum in data:
       if signum in _SIGNALS:
         _state['sigints'] += signum == signal.SIGINT
@@ -102,7 +104,9 @@ def install() -> None:
   read_fd, write_fd = os.pipe()
   os.set_blocking(write_fd, False)
   previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-  threading.Thread(target=_watch_wakeup_fd, args=(read_fd,), name='echojax-stop-notice', daemon=True).start()
+  _state['generation'] = _state.get('generation', 0) + 1
+  threading.Thread(target=_watch_wakeup_fd, args=(read_fd, _state['generation']), name='echojax-stop-notice',
+                   daemon=True).start()
   _state['wakeup'] = (read_fd, write_fd, previous_fd)
 
 
@@ -113,6 +117,7 @@ def uninstall() -> None:
   for signum, handler in _state['previous'].items():
     signal.signal(signum, handler)
   _state['previous'].clear()
+  _state['generation'] = _state.get('generation', 0) + 1   # the watcher ignores anything it reads from now on
   if _state['wakeup'] is not None:
     read_fd, write_fd, previous_fd = _state['wakeup']
     signal.set_wakeup_fd(previous_fd)
