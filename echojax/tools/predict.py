@@ -190,11 +190,8 @@ def _saliency(cfg, model, variables, task, state, entries, videos, studies, out_
 def main(argv=None):
   parser = argparse.ArgumentParser(prog='python -m echojax.predict',
                                    description='Predict study-level outputs with a fine-tuned model.')
-  parser.add_argument('--checkpoint', required=True, help='fine-tuning workdir')
-  parser.add_argument('--input', required=True, help='DICOM/video file, a folder of them, or a manifest CSV')
+  raw_inputs.add_input_arguments(parser, 'DICOM/video file, a folder of them, or a manifest CSV')
   parser.add_argument('--out', default='predictions')
-  parser.add_argument('--salt', default=None, help='salt for DICOM ids (default $ECHOJAX_DICOM_SALT)')
-  parser.add_argument('--salt-file', default=None, help='read the salt from this file (as convert_dicom)')
   parser.add_argument('--key-map', default=None,
                       help='local CSV mapping study_id to identifiers (convert_dicom --key-map; written by the '
                            'conversion here when absent). PHI: must lie outside --out; the identified '
@@ -203,9 +200,7 @@ def main(argv=None):
   parser.add_argument('--max-frames', type=int, default=100, help='frames read per video')
   parser.add_argument('--saliency', action='store_true', help='also write a Grad-CAM figure per study')
   args = parser.parse_args(argv)
-  if args.salt_file:
-    from echojax.data.convert_dicom import read_salt
-    args.salt = read_salt(None, args.salt_file)
+  args.salt = raw_inputs.salt_of(args)
   result = predict(args.checkpoint, args.input, args.out, args.salt, key_map=args.key_map,
                    batch_size=args.batch_size, max_frames=args.max_frames, saliency=args.saliency)
   info = result['run_info']

@@ -133,3 +133,19 @@ def load_inputs(path: str, work_dir: str, salt: str | None = None, max_frames: i
     else:
       videos.append((e.study_id, e.video_id, frames))
   return videos, rejects
+
+
+def add_input_arguments(parser, input_help: str) -> None:
+  """The input and salt flags predict and saliency share."""
+  parser.add_argument('--checkpoint', required=True, help='fine-tuning workdir')
+  parser.add_argument('--input', required=True, help=input_help)
+  parser.add_argument('--salt', default=None, help='salt for DICOM ids (default $ECHOJAX_DICOM_SALT)')
+  parser.add_argument('--salt-file', default=None, help='read the salt from this file (as convert_dicom)')
+
+
+def salt_of(args):
+  """--salt, else the contents of --salt-file, else None ($ECHOJAX_DICOM_SALT is read where it is used)."""
+  if args.salt_file:
+    from echojax.data.convert_dicom import read_salt
+    return read_salt(None, args.salt_file)
+  return args.salt

@@ -60,16 +60,11 @@ def saliency_for_inputs(checkpoint: str, input_path: str, out_dir: str, salt: st
 def main(argv=None):
   parser = argparse.ArgumentParser(prog='python -m echojax.saliency',
                                    description='Grad-CAM saliency of a fine-tuned echojax model.')
-  parser.add_argument('--checkpoint', required=True, help='fine-tuning workdir')
-  parser.add_argument('--input', required=True, help='video file, DICOM file, folder, or manifest CSV')
+  raw_inputs.add_input_arguments(parser, 'video file, DICOM file, folder, or manifest CSV')
   parser.add_argument('--out', default='saliency_out')
   parser.add_argument('--max-videos', type=int, default=3, help='per study')
-  parser.add_argument('--salt', default=None, help='salt for DICOM ids (default $ECHOJAX_DICOM_SALT)')
-  parser.add_argument('--salt-file', default=None, help='read the salt from this file (as convert_dicom)')
   args = parser.parse_args(argv)
-  if args.salt_file:
-    from echojax.data.convert_dicom import read_salt
-    args.salt = read_salt(None, args.salt_file)
+  args.salt = raw_inputs.salt_of(args)
   results, rejects = saliency_for_inputs(args.checkpoint, args.input, args.out, args.salt, args.max_videos)
   if not results:
     raise SystemExit(f'no usable video in the input; {len(rejects)} rejected')
