@@ -34,7 +34,7 @@ def salt_fingerprint(salt: str) -> str:
   return convert_dicom.salt_check(salt, nonce=_FINGERPRINT_NONCE)['hash']
 
 
-_FINGERPRINT_NONCE = "echojax-build-summary-salt-check"
+_FINGERPRINT_NONCE = b"echojax-build-summary-salt-check".hex()   # scrypt nonces are hex
 
 
 @dataclasses.dataclass
