@@ -32,6 +32,8 @@ def model_config(width=64) -> ml_collections.ConfigDict:
       dtype='auto',                    # compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU | float32 |
                                        # bfloat16 (params, BN statistics, losses, optimiser stay float32)
       remat=False,                     # rematerialise residual blocks: ~1 extra forward, far less memory
+      stem_motion_fraction=0.0,        # share of stem filters initialised as temporal differences (0 = torch
+                                       # init, as the paper); 0.5 lets frame order learn on a CPU budget
       projection='paper', proj_hidden=256, proj_dim=128,   # paper head: 512→256→128, no bias
       bn_mode='global',                # global: one encoder call over both views | per_view: paper code
       bn_group_size=0,                 # ghost BN: statistics per group of G consecutive examples (SSL:

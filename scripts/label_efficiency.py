@@ -24,11 +24,13 @@ import ml_collections  # noqa: E402
 
 PRESETS = {
     # CPU-feasible: tiny R3D (width 8, one block per stage), 64×64 frames, 8-frame fine-tuning/eval clips
-    # instead of 16 (and 4-frame SSL clips as the paper). 1,500 SSL steps: at 500 the EchoCLR-vs-random
-    # gap at 2 % was 0.14 with touching CIs (README); the budget is the same for every method.
+    # instead of 16 (and 4-frame SSL clips as the paper); half the stem's filters start as temporal
+    # differences for every init (model.stem_motion_fraction: without it frame order never leaves chance at
+    # this size). 1,000 SSL steps, the same for every method. 1 %, 2 % and 100 %: the 10 % cell was dropped
+    # to fit 5 seeds at 1–2 % into ≈ 1.5 h on two cores (`--workers 2`).
     'cpu': dict(dataset='synthetic_echo', builder_config='benchmark', width=8, depths=(1, 1, 1, 1),
-                image_size=64, clip_len=8, ssl_steps=1500, ssl_batch=32, ssl_lr=1e-3,
-                fractions=(0.01, 0.02, 0.1, 1.0), seeds=(0,), ft_epochs=5, ft_batch=32, ft_lr=3e-4,
+                image_size=64, clip_len=8, ssl_steps=1000, ssl_batch=32, ssl_lr=1e-3, stem_motion_fraction=0.5,
+                fractions=(0.01, 0.02, 1.0), seeds=(0,), ft_epochs=4, ft_batch=32, ft_lr=3e-4,
                 ft_patience=3, ft_steps_per_epoch=30, methods=('echoclr', 'mi_simclr', 'simclr'),
                 # 15 and 30 labelled studies (≈ 3 and 6 positive) are the noisiest cells: which studies
                 # are drawn moved random init by 0.23 AUROC at 2 % (README), so 5 seeds there.
@@ -61,6 +63,7 @@ def _apply_data(cfg, p, args):
   cfg.model.width = p['width']
   cfg.model.stage_depths = p['depths']
   cfg.model.conv_impl = p.get('conv_impl', cfg.model.conv_impl)
+  cfg.model.stem_motion_fraction = p.get('stem_motion_fraction', cfg.model.stem_motion_fraction)
 
 
 def ssl_config(method, p, args):
@@ -101,6 +104,9 @@ def main(argv=None):
   parser.add_argument('--no-probe', action='store_true')
   parser.add_argument('--report-only', action='store_true',
                       help='write the tables/figure from the runs finished so far; train nothing')
+  parser.add_argument('--workers', type=int, default=1,
+                      help='train the runs in N single-threaded worker processes (one per core), then report')
+  parser.add_argument('--worker', default=None, help=argparse.SUPPRESS)   # k/N: set by --workers
   parser.add_argument('--resampling', choices=('stratified', 'simple'), default='stratified',
                       help='paired bootstrap: keep each class count of the test split (default) or not')
   args = parser.parse_args(argv)
@@ -113,47 +119,41 @@ def main(argv=None):
   from echojax.evaluation.reports import auroc_row, format_auroc_table
   t0 = time.time()
   print(f'label efficiency, preset {args.preset}: {json.dumps(p)}', flush=True)
+  if args.workers > 1 and args.worker is None and not args.report_only:
+    _run_workers(args, argv)   # every run trained by N single-threaded worker processes; then report
+    args.report_only = True
+  _enable_compilation_cache(out)
 
-  encoders = {}
-  for method in p['methods']:
-    wd = os.path.join(out, f'ssl-{method}')
-    enc = os.path.join(wd, 'encoder')
-    if not os.path.exists(os.path.join(enc, 'encoder_spec.json')) and not args.report_only:
-      ssl_trainer.train(ssl_config(method, p, args), wd)
-      export.export_encoder(wd, enc)
-    encoders[method] = enc
+  encoders = {m: os.path.join(out, f'ssl-{m}', 'encoder') for m in p['methods']}
   inits = [('random', '')] + [(m, encoders[m]) for m in p['methods']]
   if args.kinetics:
     inits.append(('kinetics', args.kinetics))
+  fts = _finetune_order(p, inits)
+  if not args.report_only:
+    jobs = [('ssl', m) for m in _ssl_order(p['methods'])] + [('ft', item) for item in fts]
+    _work(jobs, out, p, args, encoders, ssl_trainer, export, finetune_trainer, LabelFractionError)
+    if args.worker is not None:
+      return   # the parent writes the report once every worker is done
 
-  # The extremes first (smallest and largest fraction), random and the first method first, extra seeds
-  # last: if a run is cut short, the comparisons that matter most are already on disk (rerunning resumes).
-  fracs = sorted(p['fractions'])
-  frac_order = [fracs[0], fracs[-1]] + fracs[1:-1] if len(fracs) > 1 else fracs
-  seeds_of = {f: p.get('fraction_seeds', {}).get(f, p['seeds']) for f in fracs}
-  order = [(f, init, seed) for seed_rank in range(max(map(len, seeds_of.values())))
-           for f in frac_order for init in inits for seed in seeds_of[f][seed_rank:seed_rank + 1]]
   rows, run_dirs, skipped = [], {}, []
-  for frac, (name, path), seed in order:
+  for frac, (name, path), seed in fts:
     wd = os.path.join(out, f'ft-{name}-frac{frac:g}-seed{seed}')
     summary_path = os.path.join(wd, 'eval', 'test', 'summary.json')
-    if not os.path.exists(summary_path) and args.report_only:
-      print(f'{name} frac={frac:g} seed={seed}: not run yet', flush=True)
+    if os.path.exists(os.path.join(wd, SKIPPED)):
+      skipped.append(open(os.path.join(wd, SKIPPED)).read().strip())
       continue
     if not os.path.exists(summary_path):
-      init = 'random' if name == 'random' else ('kinetics' if name == 'kinetics' else 'ssl')
-      try:
-        finetune_trainer.train(finetune_config(init, path, frac, seed, p, args), wd)
-      except LabelFractionError as e:  # a tiny subset drew one class: that seed has no run to compare
-        skipped.append(f'{name} {100 * frac:g}% seed {seed}: {e}')
-        print(f'{name} frac={frac:g} seed={seed}: skipped ({e})', flush=True)
-        continue
+      print(f'{name} frac={frac:g} seed={seed}: not run yet', flush=True)
+      continue
     summary = json.load(open(summary_path))
     run_dirs[frac, name, seed] = wd
     rows.append({'init': name, 'frac': frac, 'seed': seed, **auroc_row(summary)})
     r = rows[-1]
     auc = 'undefined' if r['auroc'] is None else f'{r["auroc"]:.3f} [{r["ci_lo"]:.3f}, {r["ci_hi"]:.3f}]'
     print(f'{name} frac={frac:g} seed={seed}: study-level test AUROC {auc}', flush=True)
+  if not rows:
+    print('no finished run to report yet', flush=True)
+    return
 
   rows.sort(key=lambda r: (r['frac'], r['seed']))  # table rows by fraction; inits keep their column order
   with open(os.path.join(out, 'results.csv'), 'w', newline='') as f:
@@ -174,6 +174,180 @@ def main(argv=None):
   print(comparisons)
   print(f'wrote {out}/results.csv, paired.csv, paired_pooled.csv, results.md, label_efficiency.png in '
         f'{wall / 60:.1f} min', flush=True)
+
+
+SKIPPED = 'SKIPPED.txt'   # a fine-tune that cannot exist (its subset drew one class): the reason, for the table
+
+
+def _ssl_order(methods):
+  """Pretraining order: EchoCLR last, so the comparisons that need no frame-order model start first."""
+  return sorted(methods, key=lambda m: m == 'echoclr')
+
+
+def _finetune_order(p, inits):
+  """(frac, (init, path), seed) of every fine-tune. Seed 0 at the smallest and the largest fraction first,
+  then the other seeds of the multi-seed fractions, then the remaining fractions: if a run is cut short,
+  the comparisons that matter most are already on disk (rerunning resumes)."""
+  fracs = sorted(p['fractions'])
+  seeds_of = {f: tuple(p.get('fraction_seeds', {}).get(f, p['seeds'])) for f in fracs}
+  extremes = [fracs[0], fracs[-1]] if len(fracs) > 1 else fracs
+  multi = [f for f in fracs if len(seeds_of[f]) > 1]
+  rank0 = extremes + [f for f in multi if f not in extremes]
+  order = [(f, init, seeds_of[f][0]) for f in rank0 for init in inits]
+  order += [(f, init, seed) for rank in range(1, max(map(len, seeds_of.values())))
+            for f in multi for init in inits for seed in seeds_of[f][rank:rank + 1]]
+  order += [(f, init, seed) for f in fracs if f not in rank0 for init in inits for seed in seeds_of[f]]
+  return order
+
+
+def _enable_compilation_cache(out):
+  """Every fine-tune compiles the same step shapes: XLA's persistent cache compiles them once per grid."""
+  import jax
+  jax.config.update('jax_compilation_cache_dir', os.path.join(out, 'jax_cache'))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+
+
+def _claim(out, name):
+  """Atomically claim a run for this process (a claim file holding its pid); a dead holder's claim is
+  taken over. False when a live process holds it."""
+  claims = os.path.join(out, 'claims')
+  os.makedirs(claims, exist_ok=True)
+  path = os.path.join(claims, name)
+  for _ in range(2):
+    try:
+      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+      try:
+        pid = int(open(path).read() or 0)
+      except (OSError, ValueError):
+        pid = 0
+      if pid == os.getpid():
+        return True
+      if pid and _alive(pid):
+        return False
+      try:
+        os.remove(path)   # stale: its holder died (a killed worker); retry once
+      except FileNotFoundError:
+        pass
+      continue
+    with os.fdopen(fd, 'w') as f:
+      f.write(str(os.getpid()))
+    return True
+  return False
+
+
+def _alive(pid):
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def _release(out, name):
+  try:
+    os.remove(os.path.join(out, 'claims', name))
+  except FileNotFoundError:
+    pass
+
+
+def _work(jobs, out, p, args, encoders, ssl_trainer, export, finetune_trainer, LabelFractionError):
+  """Run every unfinished job this process can claim, in order; a fine-tune waits until its encoder is
+  exported (another worker may be pretraining it). Returns when every job is done or held elsewhere and
+  nothing is left to wait for."""
+  def done(job):
+    kind, item = job
+    if kind == 'ssl':
+      return os.path.exists(os.path.join(encoders[item], 'encoder_spec.json'))
+    wd = _ft_dir(out, item)
+    return os.path.exists(os.path.join(wd, 'eval', 'test', 'summary.json')) or os.path.exists(
+        os.path.join(wd, SKIPPED))
+
+  def name(job):
+    kind, item = job
+    return f'ssl-{item}' if kind == 'ssl' else os.path.basename(_ft_dir(out, item))
+
+  while True:
+    pending = [j for j in jobs if not done(j)]
+    if not pending:
+      return
+    ran = False
+    for job in pending:
+      kind, item = job
+      if kind == 'ft' and item[1][0] in encoders and not done(('ssl', item[1][0])):
+        continue   # its encoder is still being pretrained
+      if done(job) or not _claim(out, name(job)):
+        continue
+      try:
+        if not done(job):
+          _run_job(job, out, p, args, encoders, ssl_trainer, export, finetune_trainer, LabelFractionError)
+          if not done(job):   # never loop retraining a run whose output does not appear
+            raise RuntimeError(f'label efficiency: {name(job)} finished without writing its result')
+      finally:
+        _release(out, name(job))
+      ran = True
+      break   # re-scan: earlier jobs may have become runnable
+    if not ran:
+      held = [j for j in pending if os.path.exists(os.path.join(out, 'claims', name(j)))]
+      if not held:
+        raise RuntimeError(f'label efficiency: {len(pending)} runs cannot start (their encoder is missing '
+                           f'and nobody is pretraining it): {[name(j) for j in pending][:5]}')
+      time.sleep(5)
+
+
+def _ft_dir(out, item):
+  frac, (name, _), seed = item
+  return os.path.join(out, f'ft-{name}-frac{frac:g}-seed{seed}')
+
+
+def _run_job(job, out, p, args, encoders, ssl_trainer, export, finetune_trainer, LabelFractionError):
+  kind, item = job
+  if kind == 'ssl':
+    wd = os.path.join(out, f'ssl-{item}')
+    ssl_trainer.train(ssl_config(item, p, args), wd)
+    export.export_encoder(wd, encoders[item])
+    return
+  frac, (name, path), seed = item
+  wd = _ft_dir(out, item)
+  init = 'random' if name == 'random' else ('kinetics' if name == 'kinetics' else 'ssl')
+  try:
+    finetune_trainer.train(finetune_config(init, path, frac, seed, p, args), wd)
+  except LabelFractionError as e:  # a tiny subset drew one class: that seed has no run to compare
+    os.makedirs(wd, exist_ok=True)
+    with open(os.path.join(wd, SKIPPED), 'w') as f:
+      f.write(f'{name} {100 * frac:g}% seed {seed}: {e}\n')
+    print(f'{name} frac={frac:g} seed={seed}: skipped ({e})', flush=True)
+
+
+def _run_workers(args, argv):
+  """N copies of this command as `--worker k/N`, each single-threaded on its own core: on a small CPU two
+  single-threaded processes train these tiny models faster than one process on two threads (BENCHMARKS.md).
+  Each worker's log: OUT/worker-k.log."""
+  import subprocess
+  out = args.out or os.path.join('runs', f'label_efficiency-{args.preset}')
+  argv = list(sys.argv[1:] if argv is None else argv)
+  cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else []
+  env = dict(os.environ, XLA_FLAGS=(os.environ.get('XLA_FLAGS', '') +
+                                    ' --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1'),
+             TF_NUM_INTRAOP_THREADS='1', TF_NUM_INTEROP_THREADS='2')
+  procs = []
+  for k in range(args.workers):
+    log = open(os.path.join(out, f'worker-{k}.log'), 'a')
+    cmd = [sys.executable, os.path.abspath(__file__), *argv, '--worker', f'{k}/{args.workers}']
+    if cpus:
+      cmd = ['taskset', '-c', str(cpus[k % len(cpus)])] + cmd if _has_taskset() else cmd
+    procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
+    time.sleep(2)   # staggered: the first claims the first run
+  codes = [proc.wait() for proc in procs]
+  if any(codes):
+    raise SystemExit(f'label efficiency: worker exit codes {codes}; see {out}/worker-*.log (rerun resumes)')
+
+
+def _has_taskset():
+  import shutil
+  return shutil.which('taskset') is not None
 
 
 PAIRED_RESAMPLES = 2000

@@ -266,3 +266,35 @@ def test_ssl_model_rejects_bad_inputs():
   # Config lists become tuples: the model stays hashable (usable as a static jit argument).
   assert hash(SSLModel(encoder=dict(TINY, stage_depths=[1, 1]))) is not None
   assert hash(Classifier(encoder_kwargs=dict(TINY, stage_depths=[1, 1]))) is not None
+
+
+def test_motion_stem_init_makes_temporal_difference_filters_and_keeps_the_rest():
+  key, shape = jax.random.key(3), (3, 7, 7, 1, 8)
+  base = resnet3d.conv_kernel_init(key, shape)
+  kernel = resnet3d.motion_stem_init(0.5)(key, shape)
+  np.testing.assert_array_equal(kernel[..., 4:], base[..., 4:])     # the other half: torch's draw, untouched
+  for c in range(4):
+    k = np.asarray(kernel[..., c])
+    profile = np.asarray(resnet3d._MOTION_PROFILES[c % 3])
+    # Zero temporal sum (blind to a static scene) and one spatial pattern scaled by the difference profile.
+    np.testing.assert_allclose(k.sum(0), 0.0, atol=1e-6)
+    spatial = np.asarray(base[..., c]).mean(0)
+    scale = np.linalg.norm(np.asarray(base[..., c])) / np.linalg.norm(profile[:, None, None, None] * spatial)
+    np.testing.assert_allclose(k, profile[:, None, None, None] * spatial * scale, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.linalg.norm(k), np.linalg.norm(np.asarray(base[..., c])), rtol=1e-5)
+  np.testing.assert_array_equal(resnet3d.motion_stem_init(0.0)(key, shape), base)
+
+
+def test_stem_motion_fraction_reaches_the_stem_only():
+  x = jnp.zeros((1, 4, 16, 16, 1))
+  plain = init_vars(ResNet3D(**TINY), x, train=False)['params']
+  motion = init_vars(ResNet3D(**TINY, stem_motion_fraction=0.5), x, train=False)['params']
+  stem = np.asarray(motion['stem_conv']['kernel'])
+  np.testing.assert_allclose(stem[..., :2].sum(0), 0.0, atol=1e-6)
+  assert not np.allclose(stem[..., :2], plain['stem_conv']['kernel'][..., :2])
+  np.testing.assert_array_equal(stem[..., 2:], plain['stem_conv']['kernel'][..., 2:])
+  for name in plain:
+    if name != 'stem_conv':
+      jax.tree_util.tree_map(np.testing.assert_array_equal, plain[name], motion[name])
+  with pytest.raises(ValueError, match='stem_motion_fraction'):
+    init_vars(ResNet3D(**TINY, stem_motion_fraction=1.5), x, train=False)

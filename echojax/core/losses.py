@@ -136,8 +136,9 @@ def softmax_ce(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = No
 
 
 def ssl_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, Any], temperature: float,
-             order_weight: float = 1.0):
-  """EchoCLR objective: NT-Xent(view 0, view 1) + order_weight × frame-order CE over both views.
+             order_weight: float = 1.0, contrastive_weight: Any = 1.0):
+  """EchoCLR objective: contrastive_weight × NT-Xent(view 0, view 1) + order_weight × frame-order CE over
+  both views (contrastive_weight < 1 only during a curriculum's warm-up, `contrastive_weight_at`).
 
   outputs: the SSL model's dict (`embeddings` (B,2,D), optional `order_logits` (B,2,K)). The frame-order
   term (and the `order_loss`/`order_acc` metrics) exist only when the model returns `order_logits`; then
@@ -149,7 +150,7 @@ def ssl_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, Any], tempera
     raise ValueError(f'ssl_loss: embeddings must be (B, 2, D), got {embeddings.shape}')
   contrastive, metrics = nt_xent_with_metrics(embeddings[:, 0], embeddings[:, 1], temperature)
   metrics = {'nt_xent': contrastive, **metrics}
-  total = contrastive
+  total = contrastive_weight * contrastive
   order_logits = outputs.get('order_logits')
   if order_logits is not None:
     if 'order_label' not in batch:
@@ -159,6 +160,16 @@ def ssl_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, Any], tempera
     metrics.update(order_metrics)
   metrics['loss'] = total
   return total, metrics
+
+
+def contrastive_weight_at(step, order_only_steps: int = 0, warmup_steps: int = 0):
+  """NT-Xent's weight at `step` under the frame-order-first curriculum: 0 for the first `order_only_steps`
+  steps (`ssl.order_only_steps`), then a linear ramp to 1 over `warmup_steps` (`ssl.contrastive_warmup_steps`);
+  1 throughout when both are 0 (the paper)."""
+  step = jnp.asarray(step, jnp.float32) - float(order_only_steps)
+  if warmup_steps <= 0:
+    return (step >= 0).astype(jnp.float32)
+  return jnp.clip((step + 1.0) / float(warmup_steps), 0.0, 1.0)
 
 
 def frame_order_objective(order_logits: jax.Array, labels: jax.Array):

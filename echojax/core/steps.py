@@ -115,12 +115,14 @@ def _ssl_apply(model: nn.Module, compute_dtype):
 
 def make_ssl_loss_fn(model: nn.Module, temperature: float, order_weight: float = 1.0,
                      compute_dtype=jnp.float32):
-  """loss_fn(params, batch_stats, batch, dropout_rng) -> (loss, (metrics, new_batch_stats)), in train mode."""
+  """loss_fn(params, batch_stats, batch, dropout_rng) -> (loss, (metrics, new_batch_stats)), in train mode.
+  An optional scalar batch['contrastive_weight'] (set by the train step during a warm-up) scales NT-Xent."""
   apply = _ssl_apply(model, compute_dtype)
 
   def loss_fn(params, batch_stats, batch, dropout_rng):
     outputs, new_batch_stats = apply(params, batch_stats, batch['views'], dropout_rng)
-    loss, metrics = losses.ssl_loss(outputs, batch, temperature, order_weight)
+    loss, metrics = losses.ssl_loss(outputs, batch, temperature, order_weight,
+                                    batch.get('contrastive_weight', 1.0))
     return loss, (metrics, new_batch_stats)
   return loss_fn
 
@@ -128,7 +130,7 @@ def make_ssl_loss_fn(model: nn.Module, temperature: float, order_weight: float =
 def make_ssl_train_step(model: nn.Module, tx: optax.GradientTransformation, temperature: float,
                         order_weight: float = 1.0, compute_dtype=jnp.float32,
                         learning_rate_fn: Callable | None = None, microbatch_size: int = 0,
-                        num_shards: int = 1):
+                        num_shards: int = 1, order_only_steps: int = 0, contrastive_warmup_steps: int = 0):
   """fn(state, batch, rng) -> (state, metrics); batch: views (B,2,T,H,W,C) float, optional order_label (B,2).
 
   Inputs are cast to compute_dtype (the model's own `dtype` sets its compute precision); params, the loss
@@ -136,18 +138,31 @@ def make_ssl_train_step(model: nn.Module, tx: optax.GradientTransformation, temp
   microbatch_size > 0: gradient-cached NT-Xent (gradcache.ssl_value_and_grad) over chunks of that many
   pairs per device (num_shards = devices the batch is split over), exactly the full-batch gradient; the
   model's ghost-BN group (bn_group_size, pairs) must divide microbatch_size.
+  order_only_steps / contrastive_warmup_steps > 0: the frame-order-first curriculum — NT-Xent's weight is 0
+  for order_only_steps steps, then ramps to 1 over contrastive_warmup_steps (losses.contrastive_weight_at,
+  from state.step, so a resumed run continues it).
   """
   loss_fn = make_ssl_loss_fn(model, temperature, order_weight, compute_dtype)
   if not microbatch_size:
-    return _train_step_from_loss(loss_fn, tx, learning_rate_fn)
-  _check_bn_groups(model, microbatch_size, f'train.microbatch_size={microbatch_size}')
-  apply = _ssl_apply(model, compute_dtype)
+    step = _train_step_from_loss(loss_fn, tx, learning_rate_fn)
+  else:
+    _check_bn_groups(model, microbatch_size, f'train.microbatch_size={microbatch_size}')
+    apply = _ssl_apply(model, compute_dtype)
 
-  def value_and_grad(params, batch_stats, batch, rng):
-    return gradcache.ssl_value_and_grad(apply, params, batch_stats, batch, rng, temperature=temperature,
-                                        order_weight=order_weight, microbatch_size=microbatch_size,
-                                        num_shards=num_shards)
-  return _train_step_from_loss(loss_fn, tx, learning_rate_fn, value_and_grad)
+    def value_and_grad(params, batch_stats, batch, rng):
+      return gradcache.ssl_value_and_grad(apply, params, batch_stats, batch, rng, temperature=temperature,
+                                          order_weight=order_weight, microbatch_size=microbatch_size,
+                                          num_shards=num_shards,
+                                          contrastive_weight=batch.get('contrastive_weight', 1.0))
+    step = _train_step_from_loss(loss_fn, tx, learning_rate_fn, value_and_grad)
+  if not (order_only_steps or contrastive_warmup_steps):
+    return step
+
+  def warmed_up_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array):
+    weight = losses.contrastive_weight_at(state.step, order_only_steps, contrastive_warmup_steps)
+    state, metrics = step(state, {**batch, 'contrastive_weight': weight}, rng)
+    return state, {**metrics, 'contrastive_weight': weight}
+  return warmed_up_step
 
 
 def _valid_rows(batch: Mapping[str, jax.Array], labels: jax.Array, task: str = 'binary') -> jax.Array:

@@ -31,6 +31,13 @@ def examples_per_epoch(meta: list[dict], pairing: str, pairs_per_study: str) -> 
   return sum(max(n * (n - 1) // 2, 1) for n in counts.values())
 
 
+def curriculum(cfg) -> dict:
+  """The frame-order-first curriculum's step counts (none without a frame-order task to learn first)."""
+  if not cfg.data.frame_order:
+    return dict(order_only_steps=0, contrastive_warmup_steps=0)
+  return dict(order_only_steps=cfg.ssl.order_only_steps, contrastive_warmup_steps=cfg.ssl.contrastive_warmup_steps)
+
+
 def train(cfg, workdir: str) -> dict:
   from echojax.data import pipeline
 
@@ -64,7 +71,8 @@ def train(cfg, workdir: str) -> dict:
                                 order_weight=cfg.ssl.order_weight if cfg.data.frame_order else 0.0,
                                 compute_dtype=factory.resolve_dtype(cfg.model.dtype),
                                 learning_rate_fn=optim.make_schedule(cfg.optim, total_steps, global_batch),
-                                microbatch_size=cfg.train.microbatch_size, num_shards=mesh.size),
+                                microbatch_size=cfg.train.microbatch_size, num_shards=mesh.size,
+                                **curriculum(cfg)),
       mesh)
 
   # --- checkpoint / resume ------------------------------------------------------------------------

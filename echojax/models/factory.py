@@ -36,11 +36,12 @@ def resolve_dtype(dtype: str, backend: Optional[str] = None) -> jnp.dtype:
 
 
 def encoder_kwargs(*, width: int, stage_depths: Sequence[int], conv_impl: str, dtype: str, remat: bool,
-                   **_heads) -> dict:
+                   stem_motion_fraction: float = 0.0, **_heads) -> dict:
   """The encoder's share of a model block (the head keys are the SSL model's; bn_group_size is applied by
-  the network that owns the encoder, in its own units)."""
+  the network that owns the encoder, in its own units). stem_motion_fraction defaults to 0 only for run
+  configs saved before the key existed."""
   return dict(width=int(width), stage_depths=tuple(stage_depths), conv_impl=conv_impl,
-              dtype=resolve_dtype(dtype), remat=bool(remat))
+              dtype=resolve_dtype(dtype), remat=bool(remat), stem_motion_fraction=float(stem_motion_fraction))
 
 
 def encoder(**model_cfg) -> ResNet3D:

@@ -18,6 +18,31 @@ from echojax.models.conv import conv3d
 # torchvision's VideoResNet init: kaiming_normal_(mode='fan_out', nonlinearity='relu'), untruncated.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
+# Temporal profiles of motion-sensitive stem filters: forward, backward and central frame differences.
+_MOTION_PROFILES = ((1.0, -1.0, 0.0), (0.0, 1.0, -1.0), (1.0, 0.0, -1.0))
+
+
+def motion_stem_init(fraction: float, base=conv_kernel_init):
+  """`base`, then the first round(fraction · Cout) stem filters become temporal differences of their own
+  spatial pattern (time mean of the drawn kernel × a difference profile, norm kept). A 3D CNN started from
+  static-looking filters takes thousands of steps to find frame-to-frame change; with these it sees motion
+  energy from step 0 (the frame-order task then learns on a CPU budget; README "Frame order")."""
+  def init(key, shape, dtype=jnp.float32):
+    kernel = base(key, shape, dtype)
+    count = int(round(fraction * shape[-1]))
+    if not count:
+      return kernel
+    if shape[0] != 3:
+      raise ValueError(f'motion_stem_init needs a 3-frame temporal kernel, got kernel shape {shape}')
+    spatial = jnp.mean(kernel[..., :count], axis=0)                                   # (kh, kw, Cin, n)
+    profiles = jnp.asarray([_MOTION_PROFILES[c % 3] for c in range(count)], dtype).T  # (3, n)
+    motion = profiles[:, None, None, None, :] * spatial[None]
+    norm = lambda k: jnp.sqrt(jnp.sum(k ** 2, axis=(0, 1, 2, 3), keepdims=True))
+    motion = motion * norm(kernel[..., :count]) / jnp.maximum(norm(motion), 1e-12)
+    return kernel.at[..., :count].set(motion.astype(dtype))
+  return init
+
+
 BLOCKS = ('basic',)
 ARCHS = ('r3d',)
 
@@ -30,10 +55,11 @@ class Conv3D(nn.Module):
   padding: Sequence[int] = (0, 0, 0)
   conv_impl: str = 'auto'
   dtype: Any = jnp.float32
+  kernel_init: Any = conv_kernel_init
 
   @nn.compact
   def __call__(self, x):
-    kernel = self.param('kernel', conv_kernel_init,
+    kernel = self.param('kernel', self.kernel_init,
                         (*self.kernel_size, x.shape[-1], self.features), jnp.float32)
     return conv3d(x.astype(self.dtype), kernel.astype(self.dtype), tuple(self.strides),
                   tuple(self.padding), self.conv_impl)
@@ -77,6 +103,8 @@ class ResNet3D(nn.Module):
   `dtype` is the compute dtype (params stay float32); `bn_momentum` is torch's convention; `remat`
   rematerialises each residual block in the backward pass; `bn_group_size` > 0 = ghost BatchNorm over
   groups of that many consecutive clips (train mode only). Input channels are taken from `x`.
+  `stem_motion_fraction` > 0 starts that share of the stem's filters as temporal differences
+  (`motion_stem_init`; initialisation only, the architecture and torchvision parity are unchanged).
   """
   width: int = 64
   stage_depths: Sequence[int] = (2, 2, 2, 2)
@@ -88,6 +116,7 @@ class ResNet3D(nn.Module):
   bn_eps: float = 1e-5
   remat: bool = False
   bn_group_size: int = 0
+  stem_motion_fraction: float = 0.0
 
   @property
   def feature_dim(self) -> int:
@@ -99,7 +128,10 @@ class ResNet3D(nn.Module):
       raise ValueError(f'unsupported block={self.block!r} / arch={self.arch!r}; have {BLOCKS} / {ARCHS}')
     if x.ndim != 5:
       raise ValueError(f'ResNet3D expects (B,T,H,W,C) input, got shape {x.shape}')
-    y = Conv3D(self.width, (3, 7, 7), (1, 2, 2), (1, 3, 3), self.conv_impl, self.dtype,
+    if not 0.0 <= self.stem_motion_fraction <= 1.0:
+      raise ValueError(f'stem_motion_fraction must be in [0, 1], got {self.stem_motion_fraction}')
+    stem_init = motion_stem_init(self.stem_motion_fraction) if self.stem_motion_fraction else conv_kernel_init
+    y = Conv3D(self.width, (3, 7, 7), (1, 2, 2), (1, 3, 3), self.conv_impl, self.dtype, stem_init,
                name='stem_conv')(x)
     y = BatchNorm(self.bn_momentum, self.bn_eps, dtype=self.dtype, group_size=self.bn_group_size,
                   name='stem_bn')(y, train)
