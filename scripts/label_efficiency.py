@@ -4,11 +4,13 @@ bootstrap CIs, and compare every pair of inits on the same test studies (paired 
 AUROC difference, DeLong's test, pooled over seeds); writes results.csv, paired.csv, paired_pooled.csv,
 results.md and label_efficiency.png.
 
-  python scripts/label_efficiency.py --preset cpu [--out runs/label_efficiency] [--kinetics DIR]
+  python scripts/label_efficiency.py --preset cpu --workers 2 [--out runs/label_efficiency] [--kinetics DIR]
 
-Rerunning resumes: finished pretraining/fine-tuning runs are reused. Presets only change budgets and
-sizes (never the evaluation); `cpu` runs on synthetic_echo/benchmark with a tiny encoder at 64² (stated
-in its output) so that it finishes on a 2-core CPU.
+Rerunning resumes: finished pretraining/fine-tuning runs are reused. `--workers N` trains the runs in N
+single-threaded processes that claim runs one at a time (OUT/claims/, a dead worker's claim is taken
+over), then writes the report; another process may join with `--workers 1` (it works the same queue).
+Presets only change budgets and sizes (never the evaluation); `cpu` runs on synthetic_echo/benchmark with
+a tiny encoder at 64² (stated in its output) so that it finishes on a 2-core CPU.
 """
 from __future__ import annotations
 
@@ -30,8 +32,11 @@ PRESETS = {
     # to fit 5 seeds at 1–2 % into ≈ 1.5 h on two cores (`--workers 2`).
     'cpu': dict(dataset='synthetic_echo', builder_config='benchmark', width=8, depths=(1, 1, 1, 1),
                 image_size=64, clip_len=8, ssl_steps=1000, ssl_batch=32, ssl_lr=1e-3, stem_motion_fraction=0.5,
-                fractions=(0.01, 0.02, 1.0), seeds=(0,), ft_epochs=4, ft_batch=32, ft_lr=3e-4,
-                ft_patience=3, ft_steps_per_epoch=30, methods=('echoclr', 'mi_simclr', 'simclr'),
+                # EchoCLR's frame-order-first curriculum (configs/ssl.py): order alone for 250 steps, then
+                # NT-Xent ramps in over 50; within the same 1,000 steps as the other methods
+                order_only_steps=250, contrastive_warmup_steps=50,
+                fractions=(0.01, 0.02, 1.0), seeds=(0,), ft_epochs=3, ft_batch=32, ft_lr=3e-4,
+                ft_patience=3, ft_steps_per_epoch=40, methods=('echoclr', 'mi_simclr', 'simclr'),
                 # 15 and 30 labelled studies (≈ 3 and 6 positive) are the noisiest cells: which studies
                 # are drawn moved random init by 0.23 AUROC at 2 % (README), so 5 seeds there.
                 fraction_seeds={0.01: (0, 1, 2, 3, 4), 0.02: (0, 1, 2, 3, 4)}),
@@ -75,6 +80,9 @@ def ssl_config(method, p, args):
   cfg.train.log_every_steps = max(p['ssl_steps'] // 20, 1) if p['ssl_steps'] > 0 else 50
   cfg.train.checkpoint_every_steps = max(p['ssl_steps'] // 4, 1) if p['ssl_steps'] > 0 else 1000
   cfg.optim.lr = p['ssl_lr']
+  if cfg.data.frame_order:
+    cfg.ssl.order_only_steps = p.get('order_only_steps', cfg.ssl.order_only_steps)
+    cfg.ssl.contrastive_warmup_steps = p.get('contrastive_warmup_steps', cfg.ssl.contrastive_warmup_steps)
   cfg.probe.every_steps = 0 if args.no_probe else cfg.probe.every_steps  # 0: no probe
   return cfg
 
@@ -322,9 +330,9 @@ def _run_job(job, out, p, args, encoders, ssl_trainer, export, finetune_trainer,
 
 
 def _run_workers(args, argv):
-  """N copies of this command as `--worker k/N`, each single-threaded on its own core: on a small CPU two
-  single-threaded processes train these tiny models faster than one process on two threads (BENCHMARKS.md).
-  Each worker's log: OUT/worker-k.log."""
+  """N copies of this command as `--worker k/N`, each single-threaded on its own core: the tiny models
+  here leave a second thread of one process mostly idle (input pipeline, evaluation and compilation are
+  largely serial), two independent runs do not. Each worker's log: OUT/worker-k.log."""
   import subprocess
   out = args.out or os.path.join('runs', f'label_efficiency-{args.preset}')
   argv = list(sys.argv[1:] if argv is None else argv)

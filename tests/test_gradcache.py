@@ -62,18 +62,18 @@ def test_chunk_rows_keeps_each_device_on_its_own_rows():
 
 # ------------------------------------------------------------------------------------------- GradCache
 
-@pytest.mark.parametrize('bn_mode,projection,remat,order,contrastive_weight', [
+@pytest.mark.parametrize('bn_mode,projection,remat,order,encoder_share', [
     ('global', 'paper', False, True, None),       # EchoCLR: NT-Xent + frame-order CE, BN over both views
     ('per_view', 'simclr_v2', True, False, None),  # the paper's per-view BN, BN in the head too, remat
     ('global', 'paper', False, True, 0.25),       # inside the frame-order-first curriculum's ramp
 ])
 def test_gradcache_equals_unchunked_loss_and_gradients_float64(bn_mode, projection, remat, order,
-                                                               contrastive_weight):
+                                                               encoder_share):
   with jax.enable_x64(True):
     model = ssl_model(jnp.float64, group=2, remat=remat, order=order, bn_mode=bn_mode, projection=projection)
     batch = {k: jnp.asarray(v) for k, v in ssl_batch(8, np.float64).items()}
-    if contrastive_weight is not None:
-      batch['contrastive_weight'] = jnp.float64(contrastive_weight)
+    if encoder_share is not None:
+      batch['contrastive_encoder_share'] = jnp.float64(encoder_share)
     state = init_state(model, batch['views'][:2], jnp.float64)
     rng = jax.random.key(3)
     loss_fn = steps.make_ssl_loss_fn(model, temperature=0.1, compute_dtype=jnp.float64)
@@ -81,7 +81,7 @@ def test_gradcache_equals_unchunked_loss_and_gradients_float64(bn_mode, projecti
     ref = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(state.params, state.batch_stats, batch, rng)
     chunked = jax.jit(lambda p, s, b, r: gradcache.ssl_value_and_grad(
         apply, p, s, b, r, temperature=0.1, order_weight=1.0, microbatch_size=2,
-        contrastive_weight=b.get('contrastive_weight', 1.0)))(state.params, state.batch_stats, batch, rng)
+        contrastive_encoder_share=b.get('contrastive_encoder_share')))(state.params, state.batch_stats, batch, rng)
   (loss, (metrics, stats)), grads = ref
   (c_loss, (c_metrics, c_stats)), c_grads = chunked
   assert loss.dtype == jnp.float64 and set(c_metrics) == set(metrics)

@@ -98,6 +98,23 @@ def test_demo_end_to_end_shortened(data_dir, tmp_path):
   assert valve['n_videos'] >= 1 and 0 <= valve['energy_in_box'] <= 1 and 0 < valve['box_area_share'] < 1
   summary = json.load(open(tmp_path / 'finetune-ssl' / 'eval' / 'test' / 'summary.json'))
   assert summary['calibration'] == 'platt, fitted on val' and 'brier' in summary['study']['metrics']
+  pretraining = json.load(open(tmp_path / 'demo_results.json'))['pretraining']
+  assert pretraining['steps'] == cfg.pretrain.train.num_steps and 'order_acc_last_quarter' in pretraining
+
+
+def test_demo_pretraining_summary_reads_the_last_quarter(tmp_path):
+  rows = [{'step': s, 'train/nt_xent': 5.0 - s / 100, 'train/order_acc': s / 1000, 'train/order_acc_rev': s / 500,
+           'train/contrastive_encoder_share': min(max((s - 20) / 20, 0.0), 1.0)} for s in range(10, 101, 10)]
+  path = tmp_path / 'metrics.jsonl'
+  path.write_text(''.join(json.dumps(r) + '\n' for r in rows) + json.dumps({'step': 100, 'probe/auroc': 0.7}))
+  p = demo.pretraining_summary(str(path), clip_len=4)
+  assert p['steps'] == 100 and p['last_quarter_from_step'] == 80
+  assert p['nt_xent_at_full_weight_step'] == 40 and p['nt_xent_at_full_weight'] == pytest.approx(4.6)
+  assert p['nt_xent_last_quarter'] == pytest.approx(5.0 - 0.9)               # steps 80, 90, 100
+  assert p['order_acc_last_quarter'] == pytest.approx(0.09) and p['order_acc_rev_last_quarter'] == pytest.approx(0.18)
+  assert p['order_chance'] == pytest.approx(1 / 24) and p['order_rev_chance'] == pytest.approx(1 / 12)
+  assert 'chance 0.042 / 0.083' in demo.pretraining_line(p)
+  assert demo.pretraining_summary(str(tmp_path / 'absent.jsonl')) is None
 
 
 def test_label_efficiency_smoke_preset(data_dir, tmp_path):

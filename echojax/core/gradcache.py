@@ -46,7 +46,7 @@ def _tree_add(a, b):
 
 def ssl_value_and_grad(apply_fn: ApplyFn, params, batch_stats, batch: Mapping[str, jax.Array],
                        rng: jax.Array, *, temperature: float, order_weight: float, microbatch_size: int,
-                       num_shards: int = 1, contrastive_weight: Any = 1.0):
+                       num_shards: int = 1, contrastive_encoder_share: Any = None):
   """GradCache for the EchoCLR objective → ((loss, (metrics, new_batch_stats)), grads), the signature of
   `jax.value_and_grad(loss_fn, has_aux=True)` on the unchunked loss.
 
@@ -76,12 +76,13 @@ def ssl_value_and_grad(apply_fn: ApplyFn, params, batch_stats, batch: Mapping[st
   flat = embeddings.reshape((-1,) + embeddings.shape[2:])
   (contrastive, metrics), d_embeddings = jax.value_and_grad(
       lambda z: losses.nt_xent_with_metrics(z[:, 0], z[:, 1], temperature), has_aux=True)(flat)
-  d_embeddings = contrastive_weight * d_embeddings.reshape(embeddings.shape)
+  d_embeddings = d_embeddings.reshape(embeddings.shape)
+  extra = {} if contrastive_encoder_share is None else {'contrastive_encoder_share': contrastive_encoder_share}
 
   def chunk_grads(grads, args):
     x, r, d_z = args[:3]
     def forward(p):
-      outputs = apply_fn(p, batch_stats, x, r)[0]
+      outputs = apply_fn(p, batch_stats, x, r, **extra)[0]
       return (outputs['embeddings'], outputs['order_logits']) if has_order else outputs['embeddings']
     outputs, pullback = jax.vjp(forward, params)
     if not has_order:
@@ -95,7 +96,7 @@ def ssl_value_and_grad(apply_fn: ApplyFn, params, batch_stats, batch: Mapping[st
   xs = (chunk_views, rngs, d_embeddings) + ((split(batch['order_label']),) if has_order else ())
   grads, order = jax.lax.scan(chunk_grads, jax.tree_util.tree_map(jnp.zeros_like, params), xs)
   metrics = {'nt_xent': contrastive, **metrics}
-  loss = contrastive_weight * contrastive
+  loss = contrastive
   if has_order:
     metrics.update({k: jnp.sum(v) for k, v in order.items()})
     loss = loss + order_weight * metrics['order_loss']

@@ -136,9 +136,8 @@ def softmax_ce(logits: jax.Array, labels: jax.Array, mask: jax.Array | None = No
 
 
 def ssl_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, Any], temperature: float,
-             order_weight: float = 1.0, contrastive_weight: Any = 1.0):
-  """EchoCLR objective: contrastive_weight × NT-Xent(view 0, view 1) + order_weight × frame-order CE over
-  both views (contrastive_weight < 1 only during a curriculum's warm-up, `contrastive_weight_at`).
+             order_weight: float = 1.0):
+  """EchoCLR objective: NT-Xent(view 0, view 1) + order_weight × frame-order CE over both views.
 
   outputs: the SSL model's dict (`embeddings` (B,2,D), optional `order_logits` (B,2,K)). The frame-order
   term (and the `order_loss`/`order_acc` metrics) exist only when the model returns `order_logits`; then
@@ -150,7 +149,7 @@ def ssl_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, Any], tempera
     raise ValueError(f'ssl_loss: embeddings must be (B, 2, D), got {embeddings.shape}')
   contrastive, metrics = nt_xent_with_metrics(embeddings[:, 0], embeddings[:, 1], temperature)
   metrics = {'nt_xent': contrastive, **metrics}
-  total = contrastive_weight * contrastive
+  total = contrastive
   order_logits = outputs.get('order_logits')
   if order_logits is not None:
     if 'order_label' not in batch:
@@ -162,10 +161,11 @@ def ssl_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, Any], tempera
   return total, metrics
 
 
-def contrastive_weight_at(step, order_only_steps: int = 0, warmup_steps: int = 0):
-  """NT-Xent's weight at `step` under the frame-order-first curriculum: 0 for the first `order_only_steps`
-  steps (`ssl.order_only_steps`), then a linear ramp to 1 over `warmup_steps` (`ssl.contrastive_warmup_steps`);
-  1 throughout when both are 0 (the paper)."""
+def contrastive_encoder_share_at(step, order_only_steps: int = 0, warmup_steps: int = 0):
+  """The share of NT-Xent's gradient that reaches the encoder at `step` under the frame-order-first
+  curriculum: 0 for the first `order_only_steps` steps (`ssl.order_only_steps`), then a linear ramp to 1 over
+  `warmup_steps` (`ssl.contrastive_warmup_steps`); 1 throughout when both are 0 (the paper). The projection
+  head always gets NT-Xent's full gradient (models.heads.SSLModel)."""
   step = jnp.asarray(step, jnp.float32) - float(order_only_steps)
   if warmup_steps <= 0:
     return (step >= 0).astype(jnp.float32)

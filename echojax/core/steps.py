@@ -105,10 +105,11 @@ def _check_bn_groups(model: nn.Module, rows_per_chunk: int, option: str) -> None
 
 def _ssl_apply(model: nn.Module, compute_dtype):
   """apply(params, batch_stats, views, rng) -> (float32 outputs, new batch_stats), in train mode."""
-  def apply(params, batch_stats, views, dropout_rng):
+  def apply(params, batch_stats, views, dropout_rng, contrastive_encoder_share=None):
     views = _float_input(views, 'views', compute_dtype)
+    extra = {} if contrastive_encoder_share is None else {'contrastive_encoder_share': contrastive_encoder_share}
     outputs, mutated = model.apply({'params': params, 'batch_stats': batch_stats}, views, train=True,
-                                   mutable=['batch_stats'], rngs={'dropout': dropout_rng})
+                                   mutable=['batch_stats'], rngs={'dropout': dropout_rng}, **extra)
     return _to_float32(outputs), mutated['batch_stats']
   return apply
 
@@ -116,13 +117,14 @@ def _ssl_apply(model: nn.Module, compute_dtype):
 def make_ssl_loss_fn(model: nn.Module, temperature: float, order_weight: float = 1.0,
                      compute_dtype=jnp.float32):
   """loss_fn(params, batch_stats, batch, dropout_rng) -> (loss, (metrics, new_batch_stats)), in train mode.
-  An optional scalar batch['contrastive_weight'] (set by the train step during a warm-up) scales NT-Xent."""
+  An optional scalar batch['contrastive_encoder_share'] (set by the train step during the frame-order-first
+  curriculum) scales the NT-Xent gradient that reaches the encoder."""
   apply = _ssl_apply(model, compute_dtype)
 
   def loss_fn(params, batch_stats, batch, dropout_rng):
-    outputs, new_batch_stats = apply(params, batch_stats, batch['views'], dropout_rng)
-    loss, metrics = losses.ssl_loss(outputs, batch, temperature, order_weight,
-                                    batch.get('contrastive_weight', 1.0))
+    outputs, new_batch_stats = apply(params, batch_stats, batch['views'], dropout_rng,
+                                     batch.get('contrastive_encoder_share'))
+    loss, metrics = losses.ssl_loss(outputs, batch, temperature, order_weight)
     return loss, (metrics, new_batch_stats)
   return loss_fn
 
@@ -138,9 +140,10 @@ def make_ssl_train_step(model: nn.Module, tx: optax.GradientTransformation, temp
   microbatch_size > 0: gradient-cached NT-Xent (gradcache.ssl_value_and_grad) over chunks of that many
   pairs per device (num_shards = devices the batch is split over), exactly the full-batch gradient; the
   model's ghost-BN group (bn_group_size, pairs) must divide microbatch_size.
-  order_only_steps / contrastive_warmup_steps > 0: the frame-order-first curriculum — NT-Xent's weight is 0
-  for order_only_steps steps, then ramps to 1 over contrastive_warmup_steps (losses.contrastive_weight_at,
-  from state.step, so a resumed run continues it).
+  order_only_steps / contrastive_warmup_steps > 0: the frame-order-first curriculum — the share of NT-Xent's
+  gradient reaching the encoder is 0 for order_only_steps steps, then ramps to 1 over
+  contrastive_warmup_steps (losses.contrastive_encoder_share_at, from state.step, so a resumed run continues
+  it); the projection head learns NT-Xent throughout, so it is not stale when the encoder joins.
   """
   loss_fn = make_ssl_loss_fn(model, temperature, order_weight, compute_dtype)
   if not microbatch_size:
@@ -153,15 +156,15 @@ def make_ssl_train_step(model: nn.Module, tx: optax.GradientTransformation, temp
       return gradcache.ssl_value_and_grad(apply, params, batch_stats, batch, rng, temperature=temperature,
                                           order_weight=order_weight, microbatch_size=microbatch_size,
                                           num_shards=num_shards,
-                                          contrastive_weight=batch.get('contrastive_weight', 1.0))
+                                          contrastive_encoder_share=batch.get('contrastive_encoder_share'))
     step = _train_step_from_loss(loss_fn, tx, learning_rate_fn, value_and_grad)
   if not (order_only_steps or contrastive_warmup_steps):
     return step
 
   def warmed_up_step(state: TrainState, batch: Mapping[str, jax.Array], rng: jax.Array):
-    weight = losses.contrastive_weight_at(state.step, order_only_steps, contrastive_warmup_steps)
-    state, metrics = step(state, {**batch, 'contrastive_weight': weight}, rng)
-    return state, {**metrics, 'contrastive_weight': weight}
+    share = losses.contrastive_encoder_share_at(state.step, order_only_steps, contrastive_warmup_steps)
+    state, metrics = step(state, {**batch, 'contrastive_encoder_share': share}, rng)
+    return state, {**metrics, 'contrastive_encoder_share': share}
   return warmed_up_step
 
 

@@ -6,6 +6,7 @@ demo's workdir."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -56,10 +57,13 @@ def run(cfg, workdir: str) -> dict:
     valve = None
     log(f'no valve-box score: {e}')
   table = reports.format_auroc_table(rows)
+  pretraining = pretraining_summary(os.path.join(ssl_dir, 'metrics.jsonl'), pre.data.clip_len)
   with open(os.path.join(workdir, 'demo_results.md'), 'w') as f:
     f.write(table + '\n')
   with open(os.path.join(workdir, 'demo_results.json'), 'w') as f:
-    json.dump({'rows': rows, 'valve_localisation': valve}, f, indent=1)
+    json.dump({'rows': rows, 'valve_localisation': valve, 'pretraining': pretraining}, f, indent=1)
+  if pretraining:
+    log(pretraining_line(pretraining))
   log('\nStudy-level test AUROC (95 % bootstrap CI over studies):\n' + table)
   log(clinical_lines(results[cfg.inits[0]]['reports'][data.test_split], cfg.inits[0]))
   if valve:
@@ -68,6 +72,40 @@ def run(cfg, workdir: str) -> dict:
       f'saliency: {", ".join(r["png"] for r in sal)}\nsummary: {os.path.join(workdir, "demo_results.md")}\n'
       f'demo finished in {time.time() - t0:.0f} s')
   return {'rows': rows, 'runs': runs, 'saliency': sal, 'valve_localisation': valve}
+
+
+def pretraining_summary(metrics_path: str, clip_len: int = 4) -> dict | None:
+  """What the SSL stage learned, from its metrics.jsonl: NT-Xent when it first counts fully and in the last
+  quarter of steps, and frame-order accuracy (exact, up to reversal) in the last quarter, next to chance."""
+  if not os.path.exists(metrics_path):
+    return None
+  with open(metrics_path) as f:
+    logged = [r for r in map(json.loads, f) if 'train/nt_xent' in r]
+  if not logged:
+    return None
+  last_step = logged[-1]['step']
+  tail = [r for r in logged if r['step'] > 0.75 * last_step] or logged[-1:]
+  full = next((r for r in logged if r.get('train/contrastive_encoder_share', 1.0) >= 1.0), logged[0])
+  mean = lambda key: sum(r[key] for r in tail) / len(tail) if all(key in r for r in tail) else None
+  out = {'steps': last_step, 'last_quarter_from_step': tail[0]['step'],
+         'nt_xent_at_full_weight': full['train/nt_xent'], 'nt_xent_at_full_weight_step': full['step'],
+         'nt_xent_last_quarter': mean('train/nt_xent')}
+  if mean('train/order_acc') is not None:
+    num_classes = math.factorial(clip_len)   # the reversal metric counts 2 of the clip_len! permutations
+    out.update(order_acc_last_quarter=mean('train/order_acc'), order_acc_rev_last_quarter=mean('train/order_acc_rev'),
+               order_chance=1 / num_classes, order_rev_chance=2 / num_classes)
+  return out
+
+
+def pretraining_line(p: dict) -> str:
+  line = (f"\nEchoCLR pretraining, {p['steps']} steps: NT-Xent {p['nt_xent_at_full_weight']:.3f} at full weight "
+          f"(step {p['nt_xent_at_full_weight_step']}) → {p['nt_xent_last_quarter']:.3f} (mean of steps ≥ "
+          f"{p['last_quarter_from_step']})")
+  if 'order_acc_last_quarter' in p:
+    line += (f"; frame-order accuracy over those steps {p['order_acc_last_quarter']:.3f} exact, "
+             f"{p['order_acc_rev_last_quarter']:.3f} up to time reversal (chance {p['order_chance']:.3f} / "
+             f"{p['order_rev_chance']:.3f})")
+  return line
 
 
 def clinical_lines(summary: dict, init: str) -> str:

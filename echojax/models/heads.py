@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 from flax.core import FrozenDict
 
@@ -121,7 +122,10 @@ class SSLModel(nn.Module):
     super().__post_init__()
 
   @nn.compact
-  def __call__(self, views, train: bool):
+  def __call__(self, views, train: bool, contrastive_encoder_share=None):
+    """contrastive_encoder_share (a scalar, None = 1): the share of the projection's gradient passed back
+    into the encoder; the forward values, the projection head's and the frame-order head's gradients are
+    unchanged (the frame-order-first curriculum, core.losses.contrastive_encoder_share_at)."""
     if views.ndim != 6 or views.shape[1] != 2:
       raise ValueError(f'SSLModel expects views (B,2,T,H,W,C), got shape {views.shape}')
     if self.bn_mode not in BN_MODES:
@@ -136,12 +140,16 @@ class SSLModel(nn.Module):
     else:
       features = jnp.stack([encoder(views[:, 0], train), encoder(views[:, 1], train)], axis=1)
     flat = features.reshape(2 * batch, -1)
+    to_projection = features
+    if contrastive_encoder_share is not None:
+      share = jnp.asarray(contrastive_encoder_share, features.dtype)
+      to_projection = share * features + (1 - share) * jax.lax.stop_gradient(features)
     projection = ProjectionHead(self.projection, self.proj_hidden, self.proj_dim,
                                 bn_group_size=group_rows, name='projection')
     if self.projection == 'simclr_v2' and self.bn_mode == 'per_view':
-      embeddings = jnp.stack([projection(features[:, 0], train), projection(features[:, 1], train)], 1)
+      embeddings = jnp.stack([projection(to_projection[:, 0], train), projection(to_projection[:, 1], train)], 1)
     else:
-      embeddings = projection(flat, train).reshape(batch, 2, -1)
+      embeddings = projection(to_projection.reshape(2 * batch, -1), train).reshape(batch, 2, -1)
     outputs = dict(embeddings=embeddings, features=features)
     if self.num_order_classes:
       order = FrameOrderHead(self.num_order_classes, name='frame_order')(flat)
