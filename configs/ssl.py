@@ -22,8 +22,9 @@ def get_config(arg=None):
   c.model = common.model_config(width=64)
   c.ssl = ml_collections.ConfigDict(dict(
       pairing='multi_instance', temperature=0.05, order_weight=1.0,
-      # frame-order-first curriculum (only with frame order; 0 and 0 = off, the paper): NT-Xent's weight is
-      # 0 for order_only_steps, then ramps linearly to 1 over contrastive_warmup_steps
+      # frame-order-first curriculum (only with frame order; 0 and 0 = off, the paper): NT-Xent's gradient
+      # into the encoder is 0 for order_only_steps, then ramps linearly to full over contrastive_warmup_steps;
+      # the projection head learns NT-Xent throughout
       order_only_steps=0, contrastive_warmup_steps=0,
   ))
   c.optim = common.optim_config('adam', lr=0.1)      # paper: Adam, lr 0.1, constant
