@@ -97,7 +97,11 @@ def test_demo_end_to_end_shortened(data_dir, tmp_path):
   valve = result['valve_localisation']
   assert valve['n_videos'] >= 1 and 0 <= valve['energy_in_box'] <= 1 and 0 < valve['box_area_share'] < 1
   summary = json.load(open(tmp_path / 'finetune-ssl' / 'eval' / 'test' / 'summary.json'))
-  assert summary['calibration'] == 'platt, fitted on val' and 'brier' in summary['study']['metrics']
+  assert 'brier' in summary['study']['metrics']
+  # Platt is fitted on validation unless the tiny validation split is perfectly separated (then the run
+  # logs why and reports uncalibrated scores; tests/test_calibration.py covers both paths).
+  assert summary['calibration'] in ('platt, fitted on val', None)
+  assert ('uncalibrated scores' in demo.clinical_lines(summary, 'ssl')) == (summary['calibration'] is None)
   pretraining = json.load(open(tmp_path / 'demo_results.json'))['pretraining']
   assert pretraining['steps'] == cfg.pretrain.train.num_steps and 'order_acc_last_quarter' in pretraining
 

@@ -116,14 +116,17 @@ def test_changed_model_data_or_objective_is_refused_naming_the_keys(tmp_path):
 
 def test_allowed_changes_are_recorded_with_the_diff(tmp_path):
   d = str(tmp_path)
-  workdir.check_and_record_config(ssl_config.get_config('demo'), d)
+  base = ssl_config.get_config('demo')
+  steps = base.train.num_steps
+  workdir.check_and_record_config(base, d)
   os.makedirs(os.path.join(d, 'checkpoints', '100'))          # the run resumes from step 100
-  longer = _cfg(ssl_config, 'demo', **{'train.num_steps': 400, 'train.log_every_steps': 5})
+  longer = _cfg(ssl_config, 'demo', **{'train.num_steps': 2 * steps, 'train.log_every_steps': 5})
   messages = []
   workdir.check_and_record_config(longer, d, log=messages.append)
-  assert json.load(open(os.path.join(d, 'config.json')))['train']['num_steps'] == 200
-  assert json.load(open(os.path.join(d, 'config-100.json')))['train']['num_steps'] == 400
-  assert len(messages) == 1 and 'train.num_steps 200 → 400' in messages[0] and 'config-100.json' in messages[0]
+  assert json.load(open(os.path.join(d, 'config.json')))['train']['num_steps'] == steps
+  assert json.load(open(os.path.join(d, 'config-100.json')))['train']['num_steps'] == 2 * steps
+  assert len(messages) == 1 and f'train.num_steps {steps} → {2 * steps}' in messages[0]
+  assert 'config-100.json' in messages[0]
   workdir.check_and_record_config(longer, d, log=messages.append)   # the same settings again: nothing new
   assert len(messages) == 1 and sorted(os.listdir(d)) == ['checkpoints', 'config-100.json', 'config.json']
 
