@@ -1,4 +1,4 @@
-"""The README's one-command demo on synthetic_echo small (CPU, ≤ 15 min on 2 cores): EchoCLR pretraining,
+"""The README's one-command demo on synthetic_echo small (CPU, ≈ 15 min on 2 free cores): EchoCLR pretraining,
 fine-tuning from the SSL encoder and from random init at a small label fraction, evaluation with 95 % CIs,
 and a Grad-CAM image. Override any stage: `--config.pretrain.train.num_steps=50`, `--config.frac=0.2`."""
 import ml_collections
