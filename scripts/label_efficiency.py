@@ -130,7 +130,8 @@ def main(argv=None):
   if args.workers > 1 and args.worker is None and not args.report_only:
     _run_workers(args, argv)   # every run trained by N single-threaded worker processes; then report
     args.report_only = True
-  _enable_compilation_cache(out)
+  if not args.report_only:
+    _enable_compilation_cache(out)
 
   encoders = {m: os.path.join(out, f'ssl-{m}', 'encoder') for m in p['methods']}
   inits = [('random', '')] + [(m, encoders[m]) for m in p['methods']]
