@@ -115,6 +115,9 @@ def main(argv=None):
   parser.add_argument('--workers', type=int, default=1,
                       help='train the runs in N single-threaded worker processes (one per core), then report')
   parser.add_argument('--worker', default=None, help=argparse.SUPPRESS)   # k/N: set by --workers
+  parser.add_argument('--only', default='',
+                      help='comma-separated inits (random,simclr,...): train only their runs; the report '
+                           'still covers every finished run')
   parser.add_argument('--resampling', choices=('stratified', 'simple'), default='stratified',
                       help='paired bootstrap: keep each class count of the test split (default) or not')
   args = parser.parse_args(argv)
@@ -139,7 +142,8 @@ def main(argv=None):
     inits.append(('kinetics', args.kinetics))
   fts = _finetune_order(p, inits)
   if not args.report_only:
-    jobs = [('ssl', m) for m in _ssl_order(p['methods'])] + [('ft', item) for item in fts]
+    jobs = _select_jobs([('ssl', m) for m in _ssl_order(p['methods'])] + [('ft', item) for item in fts],
+                        args.only, [name for name, _ in inits])
     _work(jobs, out, p, args, encoders, ssl_trainer, export, finetune_trainer, LabelFractionError)
     if args.worker is not None:
       return   # the parent writes the report once every worker is done
@@ -207,6 +211,17 @@ def _finetune_order(p, inits):
             for f in multi for init in inits for seed in seeds_of[f][rank:rank + 1]]
   order += [(f, init, seed) for f in fracs if f not in rank0 for init in inits for seed in seeds_of[f]]
   return order
+
+
+def _select_jobs(jobs, only, init_names):
+  """The jobs of the inits named in `only` (comma-separated; '' = all); an unknown name is an error."""
+  wanted = [n.strip() for n in only.split(',') if n.strip()]
+  unknown = sorted(set(wanted) - set(init_names))
+  if unknown:
+    raise SystemExit(f'--only: unknown init(s) {unknown}; this preset has {init_names}')
+  if not wanted:
+    return jobs
+  return [(kind, item) for kind, item in jobs if (item if kind == 'ssl' else item[1][0]) in wanted]
 
 
 def _enable_compilation_cache(out):

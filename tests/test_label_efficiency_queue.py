@@ -126,3 +126,18 @@ def test_work_stops_with_a_clear_error_when_a_run_leaves_no_result(tmp_path):
   with pytest.raises(RuntimeError, match='ssl-echoclr finished without writing its result'):
     le._work(jobs, out, p, args, encoders, fakes.ssl_trainer, fakes.export, fakes.finetune_trainer,
              LabelFractionErrorForTest)
+
+
+def test_only_selects_the_named_inits_jobs_and_rejects_unknown_names():
+  p = dict(fractions=(0.01, 1.0), seeds=(0,), fraction_seeds={0.01: (0, 1)})
+  inits = [('random', ''), ('simclr', 'e/simclr'), ('echoclr', 'e/echoclr')]
+  jobs = [('ssl', m) for m in le._ssl_order(('echoclr', 'simclr'))] + [
+      ('ft', item) for item in le._finetune_order(p, inits)]
+  names = [n for n, _ in inits]
+  assert le._select_jobs(jobs, '', names) == jobs
+  picked = le._select_jobs(jobs, 'random, simclr', names)
+  assert ('ssl', 'simclr') in picked and ('ssl', 'echoclr') not in picked
+  assert {item[1][0] for kind, item in picked if kind == 'ft'} == {'random', 'simclr'}
+  assert len([j for j in picked if j[0] == 'ft']) == 6
+  with pytest.raises(SystemExit, match='kinetics'):
+    le._select_jobs(jobs, 'kinetics', names)
