@@ -1,7 +1,8 @@
-"""Self-supervised pretraining configs: `configs/ssl.py[:echoclr|mi_simclr|simclr|demo]`.
+"""Self-supervised pretraining configs: `configs/ssl.py[:echoclr|mi_simclr|echoclr_no_order|simclr|demo]`.
 
 echoclr (default) = multi-instance NT-Xent + frame-order CE with the paper's hyperparameters; mi_simclr
-drops frame order; simclr pairs two augmentations of one clip; demo is a CPU-sized echoclr on
+drops frame order; echoclr_no_order is EchoCLR in every setting (shuffled views, curriculum) but the order
+loss and head — the control that isolates the order task; simclr pairs two augmentations of one clip; demo is a CPU-sized echoclr on
 synthetic_echo small (motion-sensitive stem init + frame-order-first curriculum) that finishes in minutes;
 its frame-order accuracy leaves chance, its NT-Xent does not fall (README "Pretraining").
 """
@@ -9,7 +10,7 @@ import ml_collections
 
 from configs import common
 
-VARIANTS = ('echoclr', 'mi_simclr', 'simclr', 'demo')
+VARIANTS = ('echoclr', 'mi_simclr', 'echoclr_no_order', 'simclr', 'demo')
 
 
 def get_config(arg=None):
@@ -45,8 +46,10 @@ def get_config(arg=None):
 
   if variant != 'demo':
     c.data.min_plax_prob = 0.5   # paper: PLAX videos only (view classifier's top class); no-op on synthetic_echo
-  if variant in ('echoclr', 'demo'):
+  if variant in ('echoclr', 'demo', 'echoclr_no_order'):
     c.data.frame_order = True
+  if variant == 'echoclr_no_order':
+    c.ssl.order_weight = 0.0   # views shuffled as EchoCLR's, no order head (jobs.ssl.has_order_task)
   if variant == 'simclr':
     c.ssl.pairing = 'simclr'
     c.train.num_epochs = 520

@@ -154,3 +154,28 @@ def test_finetune_architecture_mismatch_lists_keys(ssl_run, data_dir, tmp_path):
       jnp.zeros((1, 8, 32, 32, 1)))
   with pytest.raises(ValueError, match=r'stem_conv/kernel: model \(3, 7, 7, 1, 4\) vs checkpoint'):
     model_init.apply_encoder_init(state, bad)
+
+
+def test_no_order_control_trains_shuffled_views_without_an_order_head(data_dir, tmp_path):
+  """configs/ssl.py:echoclr_no_order = EchoCLR but the order loss: shuffled views, no frame_order head, no
+  order metric, and the same curriculum (set by label_efficiency for both, applied by the trainer)."""
+  from echojax.jobs.checkpointing import restore_raw
+  from scripts import label_efficiency as le
+  cfg = tf_.ssl_config(data_dir, variant='echoclr_no_order', steps=2)
+  cfg.probe.every_steps = 0
+  cfg.ssl.order_only_steps = 1
+  assert cfg.data.frame_order and not ssl_trainer.has_order_task(cfg)
+  assert ssl_trainer.curriculum(cfg) == dict(order_only_steps=1, contrastive_warmup_steps=0)
+  workdir = str(tmp_path / 'ssl')
+  ssl_trainer.train(cfg, workdir)
+  rows = [r for r in _jsonl(os.path.join(workdir, 'metrics.jsonl')) if 'train/loss' in r]
+  assert len(rows) == 2 and all('train/order_acc' not in r and np.isfinite(r['train/nt_xent']) for r in rows)
+  assert [r['train/contrastive_encoder_share'] for r in rows] == [0.0, 1.0]
+  _, state = restore_raw(workdir)
+  assert 'frame_order' not in state['params'] and 'projection' in state['params']
+  assert ssl_trainer.has_order_task(tf_.ssl_config(data_dir, variant='echoclr', steps=2))
+  args = type('A', (), dict(data_dir=data_dir, manual_dir='', no_probe=True))()
+  p = le.PRESETS['cpu']
+  for method in ('echoclr', 'echoclr_no_order'):
+    assert le.ssl_config(method, p, args).ssl.order_only_steps == p['order_only_steps']
+  assert le.ssl_config('mi_simclr', p, args).ssl.order_only_steps == 0

@@ -31,10 +31,16 @@ def examples_per_epoch(meta: list[dict], pairing: str, pairs_per_study: str) -> 
   return sum(max(n * (n - 1) // 2, 1) for n in counts.values())
 
 
+def has_order_task(cfg) -> bool:
+  """Frame order is a training task: frames shuffled (data.frame_order) and its loss weighted. With
+  ssl.order_weight=0 the views are still shuffled but no order head exists (configs/ssl.py:echoclr_no_order)."""
+  return bool(cfg.data.frame_order) and cfg.ssl.order_weight > 0
+
+
 def curriculum(cfg) -> dict:
-  """The frame-order-first curriculum's step counts (none without a frame-order task to learn first)."""
-  if not cfg.data.frame_order:
-    return dict(order_only_steps=0, contrastive_warmup_steps=0)
+  """The frame-order-first curriculum's step counts. Without an order task (echoclr_no_order, the control)
+  the same schedule applies: for order_only_steps only the projection head learns, so the control differs
+  from EchoCLR by the order loss alone."""
   return dict(order_only_steps=cfg.ssl.order_only_steps, contrastive_warmup_steps=cfg.ssl.contrastive_warmup_steps)
 
 
@@ -59,7 +65,7 @@ def train(cfg, workdir: str) -> dict:
       f'{jax.process_count()} process(es)')
 
   # --- model, optimiser, sharded state -----------------------------------------------------------
-  num_order = math.factorial(cfg.data.clip_len) if cfg.data.frame_order else 0
+  num_order = math.factorial(cfg.data.clip_len) if has_order_task(cfg) else 0
   model = factory.ssl_model(**cfg.model, num_order_classes=num_order)
   tx = optim.make_optimizer(cfg.optim, total_steps=total_steps, global_batch_size=global_batch)
   sample = jnp.zeros((2, 2, cfg.data.clip_len, cfg.data.image_size, cfg.data.image_size, 1),
@@ -68,7 +74,7 @@ def train(cfg, workdir: str) -> dict:
   state = jax.device_put(state, parallel.replicated(mesh))
   train_step = startup.jit_train_step(
       steps.make_ssl_train_step(model, tx, temperature=cfg.ssl.temperature,
-                                order_weight=cfg.ssl.order_weight if cfg.data.frame_order else 0.0,
+                                order_weight=cfg.ssl.order_weight if has_order_task(cfg) else 0.0,
                                 compute_dtype=factory.resolve_dtype(cfg.model.dtype),
                                 learning_rate_fn=optim.make_schedule(cfg.optim, total_steps, global_batch),
                                 microbatch_size=cfg.train.microbatch_size, num_shards=mesh.size,
