@@ -2,9 +2,10 @@
 
 echoclr (default) = multi-instance NT-Xent + frame-order CE with the paper's hyperparameters; mi_simclr
 drops frame order; echoclr_no_order is EchoCLR in every setting (shuffled views, curriculum) but the order
-loss and head — the control that isolates the order task; simclr pairs two augmentations of one clip; demo is a CPU-sized echoclr on
-synthetic_echo small (motion-sensitive stem init + frame-order-first curriculum) that finishes in minutes;
-its frame-order accuracy leaves chance, its NT-Xent does not fall (README "Pretraining").
+loss and head — the control that isolates the order task; simclr pairs two augmentations of one clip; demo
+is a CPU-sized echoclr on synthetic_echo small (motion-sensitive stem init + frame-order-first curriculum)
+that finishes in minutes; its frame-order accuracy leaves chance, its NT-Xent does not fall (README
+"Pretraining").
 """
 import ml_collections
 

@@ -29,7 +29,7 @@ PRESETS = {
     # instead of 16 (and 4-frame SSL clips as the paper); half the stem's filters start as temporal
     # differences for every init (model.stem_motion_fraction: without it frame order never leaves chance at
     # this size). 1,000 SSL steps, the same for every method. 1 %, 2 % and 100 %: the 10 % cell was dropped
-    # to fit 5 seeds at 1–2 % into ≈ 1.5 h on two cores (`--workers 2`).
+    # to fit 5 seeds at 1–2 % for five inits into ≈ 2.6 h on two cores (`--workers 2`; README).
     'cpu': dict(dataset='synthetic_echo', builder_config='benchmark', width=8, depths=(1, 1, 1, 1),
                 image_size=64, clip_len=8, ssl_steps=1000, ssl_batch=32, ssl_lr=1e-3, stem_motion_fraction=0.5,
                 # EchoCLR's frame-order-first curriculum (configs/ssl.py): order alone for 250 steps, then
