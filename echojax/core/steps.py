@@ -139,7 +139,8 @@ def make_ssl_train_step(model: nn.Module, tx: optax.GradientTransformation, temp
   and the optimizer stay float32. `tx` must be the transformation the state's opt_state was made by.
   microbatch_size > 0: gradient-cached NT-Xent (gradcache.ssl_value_and_grad) over chunks of that many
   pairs per device (num_shards = devices the batch is split over), exactly the full-batch gradient; the
-  model's ghost-BN group (bn_group_size, pairs) must divide microbatch_size.
+  model's ghost-BN group (bn_group_size, pairs) must divide microbatch_size, and its gradient_balance must be
+  'none'.
   order_only_steps / contrastive_warmup_steps > 0: the frame-order-first curriculum — the share of NT-Xent's
   gradient reaching the encoder is 0 for order_only_steps steps, then ramps to 1 over
   contrastive_warmup_steps (losses.contrastive_encoder_share_at, from state.step, so a resumed run continues
@@ -150,6 +151,10 @@ def make_ssl_train_step(model: nn.Module, tx: optax.GradientTransformation, temp
     step = _train_step_from_loss(loss_fn, tx, learning_rate_fn)
   else:
     _check_bn_groups(model, microbatch_size, f'train.microbatch_size={microbatch_size}')
+    if getattr(model, 'gradient_balance', 'none') != 'none':
+      # the balance needs each task's gradient norm over the whole batch; GradCache sees one chunk at a time
+      raise ValueError(f'ssl.gradient_balance={model.gradient_balance!r} needs train.microbatch_size=0 '
+                       f'(the balance is over the whole batch; GradCache computes per chunk)')
     apply = _ssl_apply(model, compute_dtype)
 
     def value_and_grad(params, batch_stats, batch, rng):

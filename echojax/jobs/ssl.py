@@ -66,7 +66,8 @@ def train(cfg, workdir: str) -> dict:
 
   # --- model, optimiser, sharded state -----------------------------------------------------------
   num_order = math.factorial(cfg.data.clip_len) if has_order_task(cfg) else 0
-  model = factory.ssl_model(**cfg.model, num_order_classes=num_order)
+  model = factory.ssl_model(**cfg.model, num_order_classes=num_order,
+                            gradient_balance=cfg.ssl.get('gradient_balance', 'none'))
   tx = optim.make_optimizer(cfg.optim, total_steps=total_steps, global_batch_size=global_batch)
   sample = jnp.zeros((2, 2, cfg.data.clip_len, cfg.data.image_size, cfg.data.image_size, 1),
                      jnp.float32)

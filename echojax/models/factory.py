@@ -50,11 +50,12 @@ def encoder(**model_cfg) -> ResNet3D:
 
 # bn_group_size defaults to 0 (global BN) only for run configs saved before the key existed.
 def ssl_model(*, projection: str, proj_hidden: int, proj_dim: int, bn_mode: str, num_order_classes: int,
-              bn_group_size: int = 0, **encoder_cfg) -> SSLModel:
-  """bn_group_size: ghost BatchNorm groups in pairs (0 = the whole global batch)."""
+              bn_group_size: int = 0, gradient_balance: str = 'none', **encoder_cfg) -> SSLModel:
+  """bn_group_size: ghost BatchNorm groups in pairs (0 = the whole global batch); gradient_balance: how
+  NT-Xent's and the frame-order CE's gradients combine into the encoder (models.gradient_fork)."""
   return SSLModel(encoder=encoder_kwargs(**encoder_cfg), projection=projection, proj_hidden=proj_hidden,
                   proj_dim=proj_dim, num_order_classes=num_order_classes, bn_mode=bn_mode,
-                  bn_group_size=int(bn_group_size))
+                  bn_group_size=int(bn_group_size), gradient_balance=str(gradient_balance))
 
 
 def classifier(*, dropout: float, dropout_on: str, num_outputs: int = 1,

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax.core import FrozenDict
 
+from echojax.models import gradient_fork
 from echojax.models.batchnorm import BatchNorm, float32_or_wider
 from echojax.models.resnet3d import ResNet3D, global_average_pool
 
@@ -108,6 +109,8 @@ class SSLModel(nn.Module):
   views[:,1]) with BatchNorm statistics per view, as the paper's code did (running stats update twice).
   bn_group_size G > 0 (ghost BN, in PAIRS): every BatchNorm takes its statistics over groups of G
   consecutive pairs — 2G clips in 'global' mode, G clips of one view in 'per_view' mode.
+  gradient_balance ('none' | 'equal_norm' | 'pcgrad'; only with a frame-order head): how the two heads'
+  gradients combine where they enter the encoder (models.gradient_fork; forward values unchanged).
   """
   encoder: Optional[Mapping[str, Any]] = None
   projection: str = 'paper'
@@ -116,6 +119,7 @@ class SSLModel(nn.Module):
   num_order_classes: int = 0
   bn_mode: str = 'global'
   bn_group_size: int = 0
+  gradient_balance: str = 'none'
 
   def __post_init__(self):
     object.__setattr__(self, 'encoder', _frozen(self.encoder))
@@ -139,8 +143,12 @@ class SSLModel(nn.Module):
       features = features.reshape(batch, 2, -1)
     else:
       features = jnp.stack([encoder(views[:, 0], train), encoder(views[:, 1], train)], axis=1)
-    flat = features.reshape(2 * batch, -1)
-    to_projection = features
+    if self.gradient_balance not in gradient_fork.GRADIENT_BALANCES:
+      raise ValueError(f'gradient_balance must be one of {gradient_fork.GRADIENT_BALANCES}, '
+                       f'got {self.gradient_balance!r}')
+    to_projection = to_order = features
+    if self.num_order_classes and self.gradient_balance != 'none':
+      to_projection, to_order = gradient_fork.fork(features, self.gradient_balance)
     if contrastive_encoder_share is not None:
       share = jnp.asarray(contrastive_encoder_share, features.dtype)
       to_projection = share * features + (1 - share) * jax.lax.stop_gradient(features)
@@ -152,7 +160,7 @@ class SSLModel(nn.Module):
       embeddings = projection(to_projection.reshape(2 * batch, -1), train).reshape(batch, 2, -1)
     outputs = dict(embeddings=embeddings, features=features)
     if self.num_order_classes:
-      order = FrameOrderHead(self.num_order_classes, name='frame_order')(flat)
+      order = FrameOrderHead(self.num_order_classes, name='frame_order')(to_order.reshape(2 * batch, -1))
       outputs['order_logits'] = order.reshape(batch, 2, -1)
     return outputs
 

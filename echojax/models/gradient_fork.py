@@ -1,0 +1,64 @@
+"""A fork of the encoder's features into the projection and the frame-order branches whose backward pass
+balances the two tasks' gradients before they enter the shared encoder (`ssl.gradient_balance`).
+
+Forward it is the identity, twice; only the cotangents are changed, so loss values and both heads' own
+gradients are exactly the unbalanced ones. The norms are over the whole (global) batch: under jit with a
+sharded batch the reduction is global, so sharded equals single-device.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+GRADIENT_BALANCES = ('none', 'equal_norm', 'pcgrad')
+
+
+def _norm(g: jax.Array) -> jax.Array:
+  return jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32))))
+
+
+def balance_cotangents(g_projection: jax.Array, g_order: jax.Array, kind: str) -> jax.Array:
+  """The encoder-side cotangent from the two branches' cotangents (same shape).
+
+  'none': their sum. 'equal_norm': each rescaled to the mean of the two norms, then summed — neither task's
+  gradient can drown the other's (NT-Xent's scales with 1/τ). 'pcgrad' (Yu et al. 2020, "Gradient Surgery
+  for Multi-Task Learning", on the shared representation): when the two conflict (negative inner product),
+  each is projected onto the normal plane of the other before summing.
+  """
+  if kind == 'none':
+    return g_projection + g_order
+  gp, go = g_projection.astype(jnp.float32), g_order.astype(jnp.float32)
+  tiny = jnp.finfo(jnp.float32).tiny
+  if kind == 'equal_norm':
+    n_p, n_o = _norm(gp), _norm(go)
+    target = 0.5 * (n_p + n_o)
+    out = gp * (target / jnp.maximum(n_p, tiny)) + go * (target / jnp.maximum(n_o, tiny))
+  elif kind == 'pcgrad':
+    dot = jnp.sum(gp * go)
+    conflict = dot < 0
+    gp_new = jnp.where(conflict, gp - dot / jnp.maximum(jnp.sum(go * go), tiny) * go, gp)
+    go_new = jnp.where(conflict, go - dot / jnp.maximum(jnp.sum(gp * gp), tiny) * gp, go)
+    out = gp_new + go_new
+  else:
+    raise ValueError(f'gradient_balance must be one of {GRADIENT_BALANCES}, got {kind!r}')
+  return out.astype(g_projection.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def fork(features: jax.Array, kind: str):
+  """(features, features): the projection branch's copy and the frame-order branch's copy."""
+  return features, features
+
+
+def _fork_fwd(features, kind):
+  return (features, features), None
+
+
+def _fork_bwd(kind, _, cotangents):
+  g_projection, g_order = cotangents
+  return (balance_cotangents(g_projection, g_order, kind),)
+
+
+fork.defvjp(_fork_fwd, _fork_bwd)
