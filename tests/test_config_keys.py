@@ -115,6 +115,7 @@ def read_keys() -> set[str]:
   from echojax.data import pipeline
   reads.update(f'data.{k}' for k in pipeline.run_option_names('echo_studies'))
   reads.discard('model.num_order_classes')   # the trainer passes it (from data.clip_len), not the config
+  reads.discard('model.gradient_balance')    # the trainer passes it (from ssl.gradient_balance)
   reads -= ALIASES
   return reads
 
