@@ -30,8 +30,7 @@ def get_config(arg=None):
       # the projection head learns NT-Xent throughout
       order_only_steps=0, contrastive_warmup_steps=0,
       # how NT-Xent's and the order CE's gradients combine where they enter the encoder: 'none' (their sum,
-      # the paper) | 'equal_norm' (each rescaled to the same norm over the batch) | 'pcgrad' (conflicting
-      # components projected out); models.gradient_fork
+      # the paper) | 'equal_norm' (each rescaled to the same norm over the batch); models.gradient_fork
       gradient_balance='none',
   ))
   c.optim = common.optim_config('adam', lr=0.1)      # paper: Adam, lr 0.1, constant

@@ -12,7 +12,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-GRADIENT_BALANCES = ('none', 'equal_norm', 'pcgrad')
+GRADIENT_BALANCES = ('none', 'equal_norm')
 
 
 def _norm(g: jax.Array) -> jax.Array:
@@ -23,9 +23,8 @@ def balance_cotangents(g_projection: jax.Array, g_order: jax.Array, kind: str) -
   """The encoder-side cotangent from the two branches' cotangents (same shape).
 
   'none': their sum. 'equal_norm': each rescaled to the mean of the two norms, then summed — neither task's
-  gradient can drown the other's (NT-Xent's scales with 1/τ). 'pcgrad' (Yu et al. 2020, "Gradient Surgery
-  for Multi-Task Learning", on the shared representation): when the two conflict (negative inner product),
-  each is projected onto the normal plane of the other before summing.
+  gradient can drown the other's (NT-Xent's scales with 1/τ). (PCGrad-style surgery was left out: on the
+  demo's features the two gradients are orthogonal, cosine ≈ 0.005, so it would be the plain sum.)
   """
   if kind == 'none':
     return g_projection + g_order
@@ -35,12 +34,6 @@ def balance_cotangents(g_projection: jax.Array, g_order: jax.Array, kind: str) -
     n_p, n_o = _norm(gp), _norm(go)
     target = 0.5 * (n_p + n_o)
     out = gp * (target / jnp.maximum(n_p, tiny)) + go * (target / jnp.maximum(n_o, tiny))
-  elif kind == 'pcgrad':
-    dot = jnp.sum(gp * go)
-    conflict = dot < 0
-    gp_new = jnp.where(conflict, gp - dot / jnp.maximum(jnp.sum(go * go), tiny) * go, gp)
-    go_new = jnp.where(conflict, go - dot / jnp.maximum(jnp.sum(gp * gp), tiny) * gp, go)
-    out = gp_new + go_new
   else:
     raise ValueError(f'gradient_balance must be one of {GRADIENT_BALANCES}, got {kind!r}')
   return out.astype(g_projection.dtype)

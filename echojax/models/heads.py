@@ -109,7 +109,7 @@ class SSLModel(nn.Module):
   views[:,1]) with BatchNorm statistics per view, as the paper's code did (running stats update twice).
   bn_group_size G > 0 (ghost BN, in PAIRS): every BatchNorm takes its statistics over groups of G
   consecutive pairs — 2G clips in 'global' mode, G clips of one view in 'per_view' mode.
-  gradient_balance ('none' | 'equal_norm' | 'pcgrad'; only with a frame-order head): how the two heads'
+  gradient_balance ('none' | 'equal_norm'; only with a frame-order head): how the two heads'
   gradients combine where they enter the encoder (models.gradient_fork; forward values unchanged).
   """
   encoder: Optional[Mapping[str, Any]] = None
