@@ -32,6 +32,9 @@ def get_config(arg=None):
       # how NT-Xent's and the order CE's gradients combine where they enter the encoder: 'none' (their sum,
       # the paper) | 'equal_norm' (each rescaled to the same norm over the batch); models.gradient_fork
       gradient_balance='none',
+      # which clips each loss reads: 'shared' (the paper: both on the shuffled clips) | 'separate' (NT-Xent on
+      # the clips in recorded order, the order CE on their shuffled copies; twice the encoder work a step)
+      order_input='shared',
   ))
   c.optim = common.optim_config('adam', lr=0.1)      # paper: Adam, lr 0.1, constant
   c.train = ml_collections.ConfigDict(dict(

@@ -85,6 +85,18 @@ def _reversal_index(num_classes: int) -> np.ndarray:
   return np.array([index[p[::-1]] for p in perms], np.int32)
 
 
+def frames_in_recorded_order(views: jax.Array, order_label: jax.Array) -> jax.Array:
+  """Undo the data pipeline's frame shuffle: views (B,2,T,...) whose frames were gathered as
+  shuffled[t] = recorded[perm[t]] with perm = row `order_label` (B,2) of the lexicographic permutation table
+  (echojax.data.augment.permutation_table) → the same clips in recorded order (ssl.order_input='separate')."""
+  clip_len = views.shape[2]
+  perms = np.array(list(itertools.permutations(range(clip_len))), np.int32)
+  inverse = jnp.asarray(np.argsort(perms, axis=1).astype(np.int32))     # recorded[s] = shuffled[inverse[s]]
+  index = inverse[order_label.astype(jnp.int32)]                        # (B,2,T)
+  index = index.reshape(index.shape + (1,) * (views.ndim - 3))
+  return jnp.take_along_axis(views, index, axis=2)
+
+
 def order_accuracy_up_to_reversal(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Accuracy that also counts the time-reversed permutation as right (a clip's order and its reverse look
   alike to anything without an arrow of time, e.g. cardiac motion that is nearly symmetric)."""

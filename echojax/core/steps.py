@@ -105,25 +105,40 @@ def _check_bn_groups(model: nn.Module, rows_per_chunk: int, option: str) -> None
 
 def _ssl_apply(model: nn.Module, compute_dtype):
   """apply(params, batch_stats, views, rng) -> (float32 outputs, new batch_stats), in train mode."""
-  def apply(params, batch_stats, views, dropout_rng, contrastive_encoder_share=None):
+  def apply(params, batch_stats, views, dropout_rng, contrastive_encoder_share=None, order_views=None):
     views = _float_input(views, 'views', compute_dtype)
     extra = {} if contrastive_encoder_share is None else {'contrastive_encoder_share': contrastive_encoder_share}
+    if order_views is not None:
+      extra['order_views'] = _float_input(order_views, 'order_views', compute_dtype)
     outputs, mutated = model.apply({'params': params, 'batch_stats': batch_stats}, views, train=True,
                                    mutable=['batch_stats'], rngs={'dropout': dropout_rng}, **extra)
     return _to_float32(outputs), mutated['batch_stats']
   return apply
 
 
+ORDER_INPUTS = ('shared', 'separate')
+
+
 def make_ssl_loss_fn(model: nn.Module, temperature: float, order_weight: float = 1.0,
-                     compute_dtype=jnp.float32):
+                     compute_dtype=jnp.float32, order_input: str = 'shared'):
   """loss_fn(params, batch_stats, batch, dropout_rng) -> (loss, (metrics, new_batch_stats)), in train mode.
   An optional scalar batch['contrastive_encoder_share'] (set by the train step during the frame-order-first
-  curriculum) scales the NT-Xent gradient that reaches the encoder."""
+  curriculum) scales the NT-Xent gradient that reaches the encoder. order_input 'shared' (the paper): both
+  losses read the shuffled views; 'separate': NT-Xent reads the same clips put back in recorded order
+  (losses.frames_in_recorded_order) and only the order head reads the shuffled ones — one encoder pass
+  over twice the clips."""
+  if order_input not in ORDER_INPUTS:
+    raise ValueError(f'ssl.order_input must be one of {ORDER_INPUTS}, got {order_input!r}')
   apply = _ssl_apply(model, compute_dtype)
 
   def loss_fn(params, batch_stats, batch, dropout_rng):
-    outputs, new_batch_stats = apply(params, batch_stats, batch['views'], dropout_rng,
-                                     batch.get('contrastive_encoder_share'))
+    views, order_views = batch['views'], None
+    if order_input == 'separate' and 'order_label' in batch:   # (without an order head: NT-Xent alone,
+      views, order_views = losses.frames_in_recorded_order(views, batch['order_label']), views   # in order)
+      if not getattr(model, 'num_order_classes', 0):
+        order_views = None
+    outputs, new_batch_stats = apply(params, batch_stats, views, dropout_rng,
+                                     batch.get('contrastive_encoder_share'), order_views)
     loss, metrics = losses.ssl_loss(outputs, batch, temperature, order_weight)
     return loss, (metrics, new_batch_stats)
   return loss_fn
@@ -132,7 +147,8 @@ def make_ssl_loss_fn(model: nn.Module, temperature: float, order_weight: float =
 def make_ssl_train_step(model: nn.Module, tx: optax.GradientTransformation, temperature: float,
                         order_weight: float = 1.0, compute_dtype=jnp.float32,
                         learning_rate_fn: Callable | None = None, microbatch_size: int = 0,
-                        num_shards: int = 1, order_only_steps: int = 0, contrastive_warmup_steps: int = 0):
+                        num_shards: int = 1, order_only_steps: int = 0, contrastive_warmup_steps: int = 0,
+                        order_input: str = 'shared'):
   """fn(state, batch, rng) -> (state, metrics); batch: views (B,2,T,H,W,C) float, optional order_label (B,2).
 
   Inputs are cast to compute_dtype (the model's own `dtype` sets its compute precision); params, the loss
@@ -145,12 +161,16 @@ def make_ssl_train_step(model: nn.Module, tx: optax.GradientTransformation, temp
   gradient reaching the encoder is 0 for order_only_steps steps, then ramps to 1 over
   contrastive_warmup_steps (losses.contrastive_encoder_share_at, from state.step, so a resumed run continues
   it); the projection head learns NT-Xent throughout, so it is not stale when the encoder joins.
+  order_input: which clips each loss reads (make_ssl_loss_fn); 'separate' needs microbatch_size=0.
   """
-  loss_fn = make_ssl_loss_fn(model, temperature, order_weight, compute_dtype)
+  loss_fn = make_ssl_loss_fn(model, temperature, order_weight, compute_dtype, order_input)
   if not microbatch_size:
     step = _train_step_from_loss(loss_fn, tx, learning_rate_fn)
   else:
     _check_bn_groups(model, microbatch_size, f'train.microbatch_size={microbatch_size}')
+    if order_input != 'shared':
+      raise ValueError(f'ssl.order_input={order_input!r} needs train.microbatch_size=0 (GradCache chunks '
+                       f'the shared views only)')
     if getattr(model, 'gradient_balance', 'none') != 'none':
       # the balance needs each task's gradient norm over the whole batch; GradCache sees one chunk at a time
       raise ValueError(f'ssl.gradient_balance={model.gradient_balance!r} needs train.microbatch_size=0 '

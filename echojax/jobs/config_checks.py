@@ -108,7 +108,7 @@ def _float_dtype(v):
 
 def _rules() -> dict:
   """key (relative to a job's config) → check(value) → problem or None; only keys present are checked."""
-  from echojax.core import optim
+  from echojax.core import optim, steps
   from echojax.jobs import model_init, tasks
   from echojax.models import conv, gradient_fork, heads
   positive = _at_least(1)
@@ -127,6 +127,7 @@ def _rules() -> dict:
       'ssl.order_weight': _at_least(0), 'ssl.contrastive_warmup_steps': _at_least(0),
       'ssl.order_only_steps': _at_least(0),
       'ssl.gradient_balance': _one_of(gradient_fork.GRADIENT_BALANCES),
+      'ssl.order_input': _one_of(steps.ORDER_INPUTS),
       'optim.name': _one_of(optim.OPTIMIZERS), 'optim.lr_scaling': _one_of(optim.LR_SCALINGS),
       'optim.schedule': _one_of(optim.SCHEDULES), 'optim.lr': _at_least(0), 'optim.base_batch_size': positive,
       'optim.warmup_steps': _at_least(0), 'optim.warmup_fraction': _between(0, 1, hi_open=True),

@@ -79,6 +79,7 @@ def train(cfg, workdir: str) -> dict:
                                 compute_dtype=factory.resolve_dtype(cfg.model.dtype),
                                 learning_rate_fn=optim.make_schedule(cfg.optim, total_steps, global_batch),
                                 microbatch_size=cfg.train.microbatch_size, num_shards=mesh.size,
+                                order_input=cfg.ssl.get('order_input', 'shared'),
                                 **curriculum(cfg)),
       mesh)
 

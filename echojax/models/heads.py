@@ -126,32 +126,41 @@ class SSLModel(nn.Module):
     super().__post_init__()
 
   @nn.compact
-  def __call__(self, views, train: bool, contrastive_encoder_share=None):
+  def __call__(self, views, train: bool, contrastive_encoder_share=None, order_views=None):
     """contrastive_encoder_share (a scalar, None = 1): the share of the projection's gradient passed back
     into the encoder; the forward values, the projection head's and the frame-order head's gradients are
-    unchanged (the frame-order-first curriculum, core.losses.contrastive_encoder_share_at)."""
+    unchanged (the frame-order-first curriculum, core.losses.contrastive_encoder_share_at).
+    order_views (B,2,T,H,W,C) or None: clips for the frame-order head only (ssl.order_input='separate'; the
+    projection then reads `views` alone); None = the order head reads `views` too (the paper)."""
     if views.ndim != 6 or views.shape[1] != 2:
       raise ValueError(f'SSLModel expects views (B,2,T,H,W,C), got shape {views.shape}')
     if self.bn_mode not in BN_MODES:
       raise ValueError(f'bn_mode must be one of {BN_MODES}, got {self.bn_mode!r}')
+    if self.gradient_balance not in gradient_fork.GRADIENT_BALANCES:
+      raise ValueError(f'gradient_balance must be one of {gradient_fork.GRADIENT_BALANCES}, '
+                       f'got {self.gradient_balance!r}')
+    if order_views is not None and (order_views.shape != views.shape or not self.num_order_classes):
+      raise ValueError(f'order_views must match views {views.shape} and need a frame-order head, got '
+                       f'{order_views.shape} with num_order_classes={self.num_order_classes}')
+    if order_views is not None and self.gradient_balance != 'none':
+      raise ValueError('gradient_balance balances the two heads on shared features; with separate '
+                       'order_views there is no shared feature to fork')
     batch = views.shape[0]
     # Rows of one BatchNorm call per pair: global mode stacks both views pair-major (row 2i + view).
     group_rows = self.bn_group_size * (2 if self.bn_mode == 'global' else 1)
     encoder = _encoder(self.encoder, bn_group_size=group_rows)
-    if self.bn_mode == 'global':
-      features = encoder(views.reshape((2 * batch,) + views.shape[2:]), train)
-      features = features.reshape(batch, 2, -1)
+    clips = views if order_views is None else jnp.concatenate([views, order_views], axis=0)
+    if self.bn_mode == 'global':   # one call: statistics over every clip of the step
+      encoded = encoder(clips.reshape((-1,) + clips.shape[2:]), train).reshape(clips.shape[0], 2, -1)
     else:
-      features = jnp.stack([encoder(views[:, 0], train), encoder(views[:, 1], train)], axis=1)
-    if self.gradient_balance not in gradient_fork.GRADIENT_BALANCES:
-      raise ValueError(f'gradient_balance must be one of {gradient_fork.GRADIENT_BALANCES}, '
-                       f'got {self.gradient_balance!r}')
-    to_projection = to_order = features
+      encoded = jnp.stack([encoder(clips[:, 0], train), encoder(clips[:, 1], train)], axis=1)
+    features, order_features = (encoded, encoded) if order_views is None else (encoded[:batch], encoded[batch:])
+    to_projection, to_order = features, order_features
     if self.num_order_classes and self.gradient_balance != 'none':
       to_projection, to_order = gradient_fork.fork(features, self.gradient_balance)
     if contrastive_encoder_share is not None:
       share = jnp.asarray(contrastive_encoder_share, features.dtype)
-      to_projection = share * features + (1 - share) * jax.lax.stop_gradient(features)
+      to_projection = share * to_projection + (1 - share) * jax.lax.stop_gradient(to_projection)
     projection = ProjectionHead(self.projection, self.proj_hidden, self.proj_dim,
                                 bn_group_size=group_rows, name='projection')
     if self.projection == 'simclr_v2' and self.bn_mode == 'per_view':

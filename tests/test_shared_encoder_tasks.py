@@ -1,5 +1,5 @@
-"""ssl.gradient_balance: the feature fork's backward pass against a NumPy reference, the SSL model's heads and
-loss untouched by it, its encoder gradient a re-weighting of the two tasks' gradients, sharded = single-device."""
+"""Two ways of letting NT-Xent and frame order share an encoder: ssl.gradient_balance (the fork's backward
+against a NumPy reference, heads and loss untouched, sharded = single-device) and ssl.order_input='separate'."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -118,3 +118,80 @@ def test_gradcache_refuses_a_balance():
   with pytest.raises(ValueError, match='gradient_balance'):
     steps.make_ssl_train_step(ssl_model(group=2, gradient_balance='equal_norm'), tx, temperature=0.1,
                               microbatch_size=2)
+
+
+# --- ssl.order_input='separate': NT-Xent on the clips in recorded order, the order head on the shuffled ones
+
+def _shuffle(recorded, labels):
+  from echojax.data.augment import permutation_table
+  table = permutation_table(recorded.shape[2])
+  return np.stack([np.stack([recorded[i, v][table[labels[i, v]]] for v in range(2)]) for i in range(len(labels))])
+
+
+def test_frames_in_recorded_order_undoes_the_pipelines_shuffle():
+  from echojax.core import losses
+  rng = np.random.default_rng(5)
+  for clip_len in (2, 3, 4):
+    recorded = rng.normal(size=(6, 2, clip_len, 3, 3, 1)).astype(np.float32)
+    labels = rng.integers(0, int(np.prod(range(1, clip_len + 1))), size=(6, 2)).astype(np.int32)
+    shuffled = _shuffle(recorded, labels)
+    assert clip_len == 2 or not np.array_equal(shuffled, recorded)
+    np.testing.assert_array_equal(losses.frames_in_recorded_order(jnp.asarray(shuffled), jnp.asarray(labels)),
+                                  recorded)
+
+
+def test_order_views_equal_to_views_give_the_shared_outputs():
+  # Duplicating every clip leaves BatchNorm's batch mean and variance unchanged, so passing the views again
+  # as order_views must reproduce the shared model's outputs exactly: the two paths are one network.
+  from tests.test_gradcache import init_state, ssl_batch, ssl_model
+  model = ssl_model(group=0)
+  batch = {k: jnp.asarray(v) for k, v in ssl_batch(4).items()}
+  state = init_state(model, batch['views'][:2], jnp.float32)
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  shared, _ = model.apply(variables, batch['views'], train=True, mutable=['batch_stats'])
+  separate, _ = model.apply(variables, batch['views'], train=True, mutable=['batch_stats'],
+                            order_views=batch['views'])
+  for key in ('embeddings', 'features', 'order_logits'):
+    np.testing.assert_allclose(separate[key], shared[key], rtol=1e-4, atol=1e-5, err_msg=key)
+  with pytest.raises(ValueError, match='order_views'):
+    model.apply(variables, batch['views'], train=True, mutable=['batch_stats'], order_views=batch['views'][:2])
+
+
+def test_separate_order_input_feeds_nt_xent_the_recorded_clips():
+  from tests.test_gradcache import init_state, ssl_batch, ssl_model
+  rng = np.random.default_rng(1)
+  recorded = ssl_batch(4)['views']
+  labels = rng.integers(1, 24, size=(4, 2)).astype(np.int32)
+  shuffled = {'views': jnp.asarray(_shuffle(recorded, labels)), 'order_label': jnp.asarray(labels)}
+  # Without an order head, 'separate' is NT-Xent on the recorded clips: the shared loss of the recorded batch.
+  plain = ssl_model(group=0, order=False)
+  state = init_state(plain, recorded[:2], jnp.float32)
+  separate_loss = steps.make_ssl_loss_fn(plain, 0.1, order_input='separate')
+  shared_loss = steps.make_ssl_loss_fn(plain, 0.1)
+  args = (state.params, state.batch_stats)
+  value, _ = separate_loss(*args, shuffled, jax.random.key(0))
+  reference, _ = shared_loss(*args, {'views': jnp.asarray(recorded)}, jax.random.key(0))
+  on_shuffled, _ = shared_loss(*args, shuffled, jax.random.key(0))
+  np.testing.assert_allclose(float(value), float(reference), rtol=1e-6)
+  assert abs(float(on_shuffled) - float(reference)) > 1e-4
+  # With the order head, the identity permutation makes 'separate' the shared objective (views = order_views).
+  model = ssl_model(group=0)
+  state = init_state(model, recorded[:2], jnp.float32)
+  identity = {'views': jnp.asarray(recorded), 'order_label': jnp.zeros((4, 2), jnp.int32)}
+  value, (metrics, _) = steps.make_ssl_loss_fn(model, 0.1, order_input='separate')(
+      state.params, state.batch_stats, identity, jax.random.key(0))
+  reference, (ref_metrics, _) = steps.make_ssl_loss_fn(model, 0.1)(
+      state.params, state.batch_stats, identity, jax.random.key(0))
+  np.testing.assert_allclose(float(value), float(reference), rtol=1e-5)
+  np.testing.assert_allclose(float(metrics['order_loss']), float(ref_metrics['order_loss']), rtol=1e-5)
+  with pytest.raises(ValueError, match='order_input'):
+    steps.make_ssl_loss_fn(model, 0.1, order_input='both')
+
+
+def test_gradcache_refuses_separate_order_input():
+  from echojax.core import optim
+  from tests.test_gradcache import ssl_model
+  tx = optim.make_optimizer({'name': 'sgd', 'lr': 0.01}, total_steps=10, global_batch_size=8)
+  with pytest.raises(ValueError, match='order_input'):
+    steps.make_ssl_train_step(ssl_model(group=2), tx, temperature=0.1, microbatch_size=2,
+                              order_input='separate')
