@@ -179,3 +179,20 @@ def test_no_order_control_trains_shuffled_views_without_an_order_head(data_dir, 
   for method in ('echoclr', 'echoclr_no_order'):
     assert le.ssl_config(method, p, args).ssl.order_only_steps == p['order_only_steps']
   assert le.ssl_config('mi_simclr', p, args).ssl.order_only_steps == 0
+
+
+def test_separate_order_input_trains_both_heads_through_the_trainer(data_dir, tmp_path):
+  """ssl.order_input='separate' reaches the trainer's step (both heads train); GradCache refuses it."""
+  from echojax.jobs.checkpointing import restore_raw
+  cfg = tf_.ssl_config(data_dir, variant='echoclr', steps=2)
+  cfg.probe.every_steps = 0
+  cfg.ssl.order_input = 'separate'
+  workdir = str(tmp_path / 'ssl')
+  ssl_trainer.train(cfg, workdir)
+  rows = [r for r in _jsonl(os.path.join(workdir, 'metrics.jsonl')) if 'train/loss' in r]
+  assert len(rows) == 2 and all(np.isfinite(r['train/nt_xent']) and 'train/order_acc' in r for r in rows)
+  _, state = restore_raw(workdir)
+  assert {'frame_order', 'projection', 'encoder'} <= set(state['params'])
+  cfg.train.microbatch_size, cfg.model.bn_group_size = 1, 1
+  with pytest.raises(ValueError, match='order_input'):
+    ssl_trainer.train(cfg, str(tmp_path / 'gradcache'))
