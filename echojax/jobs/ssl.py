@@ -66,8 +66,9 @@ def train(cfg, workdir: str) -> dict:
 
   # --- model, optimiser, sharded state -----------------------------------------------------------
   num_order = math.factorial(cfg.data.clip_len) if has_order_task(cfg) else 0
+  balance = cfg.ssl.get('gradient_balance', 'none')
   model = factory.ssl_model(**cfg.model, num_order_classes=num_order,
-                            gradient_balance=cfg.ssl.get('gradient_balance', 'none'))
+                            gradient_balance='none' if balance == 'encoder_norm' else balance)
   tx = optim.make_optimizer(cfg.optim, total_steps=total_steps, global_batch_size=global_batch)
   sample = jnp.zeros((2, 2, cfg.data.clip_len, cfg.data.image_size, cfg.data.image_size, 1),
                      jnp.float32)
@@ -80,6 +81,7 @@ def train(cfg, workdir: str) -> dict:
                                 learning_rate_fn=optim.make_schedule(cfg.optim, total_steps, global_batch),
                                 microbatch_size=cfg.train.microbatch_size, num_shards=mesh.size,
                                 order_input=cfg.ssl.get('order_input', 'shared'),
+                                encoder_balance=balance == 'encoder_norm' and num_order > 0,
                                 **curriculum(cfg)),
       mesh)
 

@@ -19,6 +19,12 @@ def _norm(g: jax.Array) -> jax.Array:
   return jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32))))
 
 
+def rescale(norm: jax.Array, target: jax.Array) -> jax.Array:
+  """target / norm, and 0 for a zero gradient (a silent task, e.g. NT-Xent under the order-first
+  curriculum): target / tiny would overflow to inf, and inf × 0 is NaN."""
+  return jnp.where(norm > 0, target / jnp.where(norm > 0, norm, 1.0), 0.0)
+
+
 def balance_cotangents(g_projection: jax.Array, g_order: jax.Array, kind: str) -> jax.Array:
   """The encoder-side cotangent from the two branches' cotangents (same shape).
 
@@ -29,11 +35,10 @@ def balance_cotangents(g_projection: jax.Array, g_order: jax.Array, kind: str) -
   if kind == 'none':
     return g_projection + g_order
   gp, go = g_projection.astype(jnp.float32), g_order.astype(jnp.float32)
-  tiny = jnp.finfo(jnp.float32).tiny
   if kind == 'equal_norm':
     n_p, n_o = _norm(gp), _norm(go)
     target = 0.5 * (n_p + n_o)
-    out = gp * (target / jnp.maximum(n_p, tiny)) + go * (target / jnp.maximum(n_o, tiny))
+    out = gp * rescale(n_p, target) + go * rescale(n_o, target)
   else:
     raise ValueError(f'gradient_balance must be one of {GRADIENT_BALANCES}, got {kind!r}')
   return out.astype(g_projection.dtype)
