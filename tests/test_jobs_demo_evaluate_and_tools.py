@@ -115,6 +115,8 @@ def test_demo_pretraining_summary_reads_the_last_quarter(tmp_path):
   assert p['steps'] == 100 and p['last_quarter_from_step'] == 80
   assert p['nt_xent_at_full_weight_step'] == 40 and p['nt_xent_at_full_weight'] == pytest.approx(4.6)
   assert p['nt_xent_last_quarter'] == pytest.approx(5.0 - 0.9)               # steps 80, 90, 100
+  assert p['first_quarter_to_step'] == 20 and p['nt_xent_first_quarter'] == pytest.approx(5.0 - 0.15)  # 10, 20
+  assert 'mean 4.850 over steps ≤ 20' in demo.pretraining_line(p)
   assert p['order_acc_last_quarter'] == pytest.approx(0.09) and p['order_acc_rev_last_quarter'] == pytest.approx(0.18)
   assert p['order_chance'] == pytest.approx(1 / 24) and p['order_rev_chance'] == pytest.approx(1 / 12)
   assert 'chance 0.042 / 0.083' in demo.pretraining_line(p)

@@ -196,3 +196,30 @@ def test_separate_order_input_trains_both_heads_through_the_trainer(data_dir, tm
   cfg.train.microbatch_size, cfg.model.bn_group_size = 1, 1
   with pytest.raises(ValueError, match='order_input'):
     ssl_trainer.train(cfg, str(tmp_path / 'gradcache'))
+
+
+def test_freeze_stem_keeps_the_stem_at_its_init_and_trains_the_rest(data_dir, tmp_path):
+  """ssl.freeze_stem (the demo's): the stem conv's kernel is the same after every step, the rest trains;
+  without it the stem moves too."""
+  from echojax.jobs.checkpointing import restore_raw
+
+  def stem_and_layer1(freeze):
+    cfg = tf_.ssl_config(data_dir, variant='echoclr', steps=2)
+    cfg.probe.every_steps = 0
+    cfg.model.stem_motion_fraction = 0.5
+    cfg.ssl.freeze_stem = freeze
+    cfg.train.checkpoint_every_steps = 1
+    workdir = str(tmp_path / f'ssl-{freeze}')
+    ssl_trainer.train(cfg, workdir)
+    out = []
+    for step in (1, 2):
+      params = restore_raw(workdir, step=step)[1]['params']['encoder']
+      layer1 = next(k for k in params if k.startswith('layer1'))
+      out.append((np.asarray(params['stem_conv']['kernel']), jax.tree_util.tree_leaves(params[layer1])))
+    return out
+
+  (stem1, rest1), (stem2, rest2) = stem_and_layer1(True)
+  np.testing.assert_array_equal(stem1, stem2)
+  assert any(not np.array_equal(a, b) for a, b in zip(rest1, rest2))
+  (stem1, _), (stem2, _) = stem_and_layer1(False)
+  assert not np.array_equal(stem1, stem2)

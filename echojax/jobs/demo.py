@@ -75,8 +75,9 @@ def run(cfg, workdir: str) -> dict:
 
 
 def pretraining_summary(metrics_path: str, clip_len: int = 4) -> dict | None:
-  """What the SSL stage learned, from its metrics.jsonl: NT-Xent when it first counts fully and in the last
-  quarter of steps, and frame-order accuracy (exact, up to reversal) in the last quarter, next to chance."""
+  """What the SSL stage learned, from its metrics.jsonl: NT-Xent when it first counts fully, its mean over the
+  first and the last quarter of steps, and frame-order accuracy (exact, up to reversal) in the last quarter,
+  next to chance."""
   if not os.path.exists(metrics_path):
     return None
   with open(metrics_path) as f:
@@ -85,11 +86,12 @@ def pretraining_summary(metrics_path: str, clip_len: int = 4) -> dict | None:
     return None
   last_step = logged[-1]['step']
   tail = [r for r in logged if r['step'] > 0.75 * last_step] or logged[-1:]
+  head = [r for r in logged if r['step'] <= 0.25 * last_step] or logged[:1]
   full = next((r for r in logged if r.get('train/contrastive_encoder_share', 1.0) >= 1.0), logged[0])
-  mean = lambda key: sum(r[key] for r in tail) / len(tail) if all(key in r for r in tail) else None
-  out = {'steps': last_step, 'last_quarter_from_step': tail[0]['step'],
+  mean = lambda key, rows=tail: sum(r[key] for r in rows) / len(rows) if all(key in r for r in rows) else None
+  out = {'steps': last_step, 'last_quarter_from_step': tail[0]['step'], 'first_quarter_to_step': head[-1]['step'],
          'nt_xent_at_full_weight': full['train/nt_xent'], 'nt_xent_at_full_weight_step': full['step'],
-         'nt_xent_last_quarter': mean('train/nt_xent')}
+         'nt_xent_first_quarter': mean('train/nt_xent', head), 'nt_xent_last_quarter': mean('train/nt_xent')}
   if mean('train/order_acc') is not None:
     num_classes = math.factorial(clip_len)   # the reversal metric counts 2 of the clip_len! permutations
     out.update(order_acc_last_quarter=mean('train/order_acc'), order_acc_rev_last_quarter=mean('train/order_acc_rev'),
@@ -98,9 +100,11 @@ def pretraining_summary(metrics_path: str, clip_len: int = 4) -> dict | None:
 
 
 def pretraining_line(p: dict) -> str:
+  first = (f"mean {p['nt_xent_first_quarter']:.3f} over steps ≤ {p['first_quarter_to_step']}, "
+           if p.get('nt_xent_first_quarter') is not None else '')
   line = (f"\nEchoCLR pretraining, {p['steps']} steps: NT-Xent {p['nt_xent_at_full_weight']:.3f} at full weight "
-          f"(step {p['nt_xent_at_full_weight_step']}) → {p['nt_xent_last_quarter']:.3f} (mean of steps ≥ "
-          f"{p['last_quarter_from_step']})")
+          f"(step {p['nt_xent_at_full_weight_step']}; {first}ln(2B−1) when embeddings carry no signal) → "
+          f"{p['nt_xent_last_quarter']:.3f} (mean of steps ≥ {p['last_quarter_from_step']})")
   if 'order_acc_last_quarter' in p:
     line += (f"; frame-order accuracy over those steps {p['order_acc_last_quarter']:.3f} exact, "
              f"{p['order_acc_rev_last_quarter']:.3f} up to time reversal (chance {p['order_chance']:.3f} / "

@@ -70,6 +70,8 @@ def train(cfg, workdir: str) -> dict:
   model = factory.ssl_model(**cfg.model, num_order_classes=num_order,
                             gradient_balance='none' if balance == 'encoder_norm' else balance)
   tx = optim.make_optimizer(cfg.optim, total_steps=total_steps, global_batch_size=global_batch)
+  if cfg.ssl.get('freeze_stem', False):   # the stem's (motion) filters stay at their init (README "Pretraining")
+    tx = optim.freeze_subtree(tx, 'stem_conv')
   sample = jnp.zeros((2, 2, cfg.data.clip_len, cfg.data.image_size, cfg.data.image_size, 1),
                      jnp.float32)
   state = steps.create_train_state(model, tx, jax.random.key(cfg.seed, impl='rbg'), sample)  # rbg: fast init compile
