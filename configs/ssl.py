@@ -3,8 +3,9 @@
 echoclr (default) = multi-instance NT-Xent + frame-order CE with the paper's hyperparameters; mi_simclr
 drops frame order; echoclr_no_order is EchoCLR in every setting (shuffled views, curriculum) but the order
 loss and head — the control that isolates the order task; simclr pairs two augmentations of one clip; demo
-is a CPU-sized echoclr on synthetic_echo small (motion-sensitive stem init, held fixed) that finishes in
-minutes, with frame order well above chance while NT-Xent falls (README "Pretraining").
+is a CPU-sized echoclr on synthetic_echo small (motion-sensitive stem init held fixed, balanced task
+gradients) that finishes in minutes, with frame order well above chance while NT-Xent falls (README
+"Pretraining").
 """
 import ml_collections
 
@@ -66,9 +67,11 @@ def get_config(arg=None):
     c.model.width = 8
     c.model.stage_depths = (1, 1, 1, 1)
     c.model.stem_motion_fraction = 0.5   # without it frame order stays at chance for this budget (README)
-    # The paper's objective (both losses from step 0) on a stem held at that motion init: trained, the stem
-    # is rewritten by NT-Xent and order never leaves chance; any curriculum left one task stuck (README).
+    # The paper's objective (both losses from step 0) on a stem held at that motion init — trained, the stem
+    # is rewritten by NT-Xent and order never leaves chance — with the two tasks' feature gradients at equal
+    # norm (without it, seed 1 learned NT-Xent only); any curriculum left one task stuck (README).
     c.ssl.freeze_stem = True
+    c.ssl.gradient_balance = 'equal_norm'
     c.data.image_size = 64
     c.train.global_batch_size = 32
     c.train.num_steps = 700
