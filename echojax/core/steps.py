@@ -205,6 +205,9 @@ def make_ssl_train_step(model: nn.Module, tx: optax.GradientTransformation, temp
     step = _train_step_from_loss(loss_fn, tx, learning_rate_fn)
   else:
     _check_bn_groups(model, microbatch_size, f'train.microbatch_size={microbatch_size}')
+    if encoder_balance:
+      raise ValueError("ssl.gradient_balance='encoder_norm' needs train.microbatch_size=0 (the balance is "
+                       "over the whole batch; GradCache computes per chunk)")
     if order_input != 'shared':
       raise ValueError(f'ssl.order_input={order_input!r} needs train.microbatch_size=0 (GradCache chunks '
                        f'the shared views only)')
