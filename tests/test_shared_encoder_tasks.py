@@ -196,27 +196,3 @@ def test_gradcache_refuses_separate_order_input():
     steps.make_ssl_train_step(ssl_model(group=2), tx, temperature=0.1, microbatch_size=2,
                               order_input='separate')
 
-
-def test_encoder_norm_rescales_each_tasks_encoder_gradient_to_the_mean_norm():
-  from echojax.core import optim
-  from tests.test_gradcache import init_state, ssl_batch, ssl_model
-  model = ssl_model(group=0)
-  batch = {k: jnp.asarray(v) for k, v in ssl_batch(8).items()}
-  tx = optim.make_optimizer({'name': 'sgd', 'lr': 0.01}, total_steps=10, global_batch_size=8)
-  state = init_state(model, batch['views'][:2], jnp.float32, tx)
-  value_and_grad = steps._encoder_balanced_value_and_grad(model, 0.05, 1.0, jnp.float32, 'shared')
-  (loss, (metrics, _)), grads = value_and_grad(state.params, state.batch_stats, batch, jax.random.key(0))
-  plain_loss, _, g_plain = _ssl_grads(model, state, batch)
-  _, _, g_c = _ssl_grads(model, state, batch, order_weight=0.0)
-  g_o = jax.tree_util.tree_map(lambda a, b: a - b, g_plain['encoder'], g_c['encoder'])
-  n_c, n_o = np.linalg.norm(_flat(g_c['encoder'])), np.linalg.norm(_flat(g_o))
-  np.testing.assert_allclose(float(loss), float(plain_loss), rtol=1e-6)
-  np.testing.assert_allclose([float(metrics['encoder_grad_norm_nt_xent']), float(metrics['encoder_grad_norm_order'])],
-                             [n_c, n_o], rtol=1e-4)
-  target = (n_c + n_o) / 2
-  expected = _flat(g_c['encoder']) * target / n_c + _flat(g_o) * target / n_o
-  np.testing.assert_allclose(_flat(grads['encoder']), expected, rtol=1e-3, atol=1e-6)
-  for head in ('projection', 'frame_order'):
-    np.testing.assert_allclose(_flat(grads[head]), _flat(g_plain[head]), rtol=1e-5, atol=1e-8)
-  with pytest.raises(ValueError, match='encoder_norm'):
-    steps.make_ssl_train_step(ssl_model(group=2), tx, temperature=0.1, microbatch_size=2, encoder_balance=True)

@@ -15,7 +15,6 @@ import optax
 from flax.training import train_state
 
 from echojax.core import gradcache, losses
-from echojax.models import gradient_fork
 
 TASKS = ('binary', 'multiclass', 'regression')
 Metrics = dict[str, jax.Array]
@@ -130,33 +129,6 @@ def _ssl_inputs(model: nn.Module, batch: Mapping[str, jax.Array], order_input: s
   return recorded, (views if getattr(model, 'num_order_classes', 0) else None)
 
 
-def _encoder_balanced_value_and_grad(model: nn.Module, temperature: float, order_weight: float,
-                                     compute_dtype, order_input: str):
-  """value_and_grad with each task's gradient on the ENCODER's parameters rescaled to the mean of the two
-  norms (ssl.gradient_balance='encoder_norm'); heads keep their own gradients. One forward, two pullbacks."""
-  apply = _ssl_apply(model, compute_dtype)
-
-  def value_and_grad(params, batch_stats, batch, dropout_rng):
-    views, order_views = _ssl_inputs(model, batch, order_input)
-    forward = lambda p: apply(p, batch_stats, views, dropout_rng, batch.get('contrastive_encoder_share'),
-                              order_views)
-    outputs, pullback, new_batch_stats = jax.vjp(forward, params, has_aux=True)
-    (loss, metrics), g_out = jax.value_and_grad(
-        lambda o: losses.ssl_loss(o, batch, temperature, order_weight), has_aux=True)(outputs)
-    zero = jax.tree_util.tree_map(jnp.zeros_like, g_out)
-    (g_contrastive,) = pullback({**zero, 'embeddings': g_out['embeddings']})
-    (g_order,) = pullback({**zero, 'order_logits': g_out['order_logits']})
-    n_c, n_o = optax.global_norm(g_contrastive['encoder']), optax.global_norm(g_order['encoder'])
-    target = 0.5 * (n_c + n_o)
-    scale_c, scale_o = gradient_fork.rescale(n_c, target), gradient_fork.rescale(n_o, target)
-    grads = jax.tree_util.tree_map(lambda a, b: a + b, g_contrastive, g_order)
-    grads['encoder'] = jax.tree_util.tree_map(lambda a, b: a * scale_c + b * scale_o,
-                                              g_contrastive['encoder'], g_order['encoder'])
-    metrics = {**metrics, 'encoder_grad_norm_nt_xent': n_c, 'encoder_grad_norm_order': n_o}
-    return (loss, (metrics, new_batch_stats)), grads
-  return value_and_grad
-
-
 def make_ssl_loss_fn(model: nn.Module, temperature: float, order_weight: float = 1.0,
                      compute_dtype=jnp.float32, order_input: str = 'shared'):
   """loss_fn(params, batch_stats, batch, dropout_rng) -> (loss, (metrics, new_batch_stats)), in train mode.
@@ -182,7 +154,7 @@ def make_ssl_train_step(model: nn.Module, tx: optax.GradientTransformation, temp
                         order_weight: float = 1.0, compute_dtype=jnp.float32,
                         learning_rate_fn: Callable | None = None, microbatch_size: int = 0,
                         num_shards: int = 1, order_only_steps: int = 0, contrastive_warmup_steps: int = 0,
-                        order_input: str = 'shared', encoder_balance: bool = False):
+                        order_input: str = 'shared'):
   """fn(state, batch, rng) -> (state, metrics); batch: views (B,2,T,H,W,C) float, optional order_label (B,2).
 
   Inputs are cast to compute_dtype (the model's own `dtype` sets its compute precision); params, the loss
@@ -198,16 +170,10 @@ def make_ssl_train_step(model: nn.Module, tx: optax.GradientTransformation, temp
   order_input: which clips each loss reads (make_ssl_loss_fn); 'separate' needs microbatch_size=0.
   """
   loss_fn = make_ssl_loss_fn(model, temperature, order_weight, compute_dtype, order_input)
-  if not microbatch_size and encoder_balance:
-    step = _train_step_from_loss(loss_fn, tx, learning_rate_fn, _encoder_balanced_value_and_grad(
-        model, temperature, order_weight, compute_dtype, order_input))
-  elif not microbatch_size:
+  if not microbatch_size:
     step = _train_step_from_loss(loss_fn, tx, learning_rate_fn)
   else:
     _check_bn_groups(model, microbatch_size, f'train.microbatch_size={microbatch_size}')
-    if encoder_balance:
-      raise ValueError("ssl.gradient_balance='encoder_norm' needs train.microbatch_size=0 (the balance is "
-                       "over the whole batch; GradCache computes per chunk)")
     if order_input != 'shared':
       raise ValueError(f'ssl.order_input={order_input!r} needs train.microbatch_size=0 (GradCache chunks '
                        f'the shared views only)')

@@ -126,7 +126,7 @@ def _rules() -> dict:
       'ssl.pairing': _one_of(('simclr', 'multi_instance')), 'ssl.temperature': _between(0, math.inf, lo_open=True),
       'ssl.order_weight': _at_least(0), 'ssl.contrastive_warmup_steps': _at_least(0),
       'ssl.order_only_steps': _at_least(0),
-      'ssl.gradient_balance': _one_of(gradient_fork.GRADIENT_BALANCES + ('encoder_norm',)),
+      'ssl.gradient_balance': _one_of(gradient_fork.GRADIENT_BALANCES),
       'ssl.order_input': _one_of(steps.ORDER_INPUTS),
       'optim.name': _one_of(optim.OPTIMIZERS), 'optim.lr_scaling': _one_of(optim.LR_SCALINGS),
       'optim.schedule': _one_of(optim.SCHEDULES), 'optim.lr': _at_least(0), 'optim.base_batch_size': positive,

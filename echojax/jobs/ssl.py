@@ -66,9 +66,8 @@ def train(cfg, workdir: str) -> dict:
 
   # --- model, optimiser, sharded state -----------------------------------------------------------
   num_order = math.factorial(cfg.data.clip_len) if has_order_task(cfg) else 0
-  balance = cfg.ssl.get('gradient_balance', 'none')
   model = factory.ssl_model(**cfg.model, num_order_classes=num_order,
-                            gradient_balance='none' if balance == 'encoder_norm' else balance)
+                            gradient_balance=cfg.ssl.get('gradient_balance', 'none'))
   tx = optim.make_optimizer(cfg.optim, total_steps=total_steps, global_batch_size=global_batch)
   if cfg.ssl.get('freeze_stem', False):   # the stem's (motion) filters stay at their init (README "Pretraining")
     tx = optim.freeze_subtree(tx, 'stem_conv')
@@ -83,7 +82,6 @@ def train(cfg, workdir: str) -> dict:
                                 learning_rate_fn=optim.make_schedule(cfg.optim, total_steps, global_batch),
                                 microbatch_size=cfg.train.microbatch_size, num_shards=mesh.size,
                                 order_input=cfg.ssl.get('order_input', 'shared'),
-                                encoder_balance=balance == 'encoder_norm' and num_order > 0,
                                 **curriculum(cfg)),
       mesh)
 

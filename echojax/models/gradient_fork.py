@@ -19,7 +19,7 @@ def _norm(g: jax.Array) -> jax.Array:
   return jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32))))
 
 
-def rescale(norm: jax.Array, target: jax.Array) -> jax.Array:
+def _rescale(norm: jax.Array, target: jax.Array) -> jax.Array:
   """target / norm, and 0 for a zero gradient (a silent task, e.g. NT-Xent under the order-first
   curriculum): target / tiny would overflow to inf, and inf × 0 is NaN."""
   return jnp.where(norm > 0, target / jnp.where(norm > 0, norm, 1.0), 0.0)
@@ -38,7 +38,7 @@ def balance_cotangents(g_projection: jax.Array, g_order: jax.Array, kind: str) -
   if kind == 'equal_norm':
     n_p, n_o = _norm(gp), _norm(go)
     target = 0.5 * (n_p + n_o)
-    out = gp * rescale(n_p, target) + go * rescale(n_o, target)
+    out = gp * _rescale(n_p, target) + go * _rescale(n_o, target)
   else:
     raise ValueError(f'gradient_balance must be one of {GRADIENT_BALANCES}, got {kind!r}')
   return out.astype(g_projection.dtype)
