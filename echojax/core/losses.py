@@ -74,13 +74,20 @@ def frame_order_loss(logits: jax.Array, labels: jax.Array):
 
 
 @functools.lru_cache(maxsize=None)
+def _permutations(clip_len: int) -> np.ndarray:
+  """(clip_len!, clip_len) int32: every permutation of range(clip_len) in lexicographic order — the data
+  pipeline's table (echojax.data.augment.permutation_table; tests/test_order_accuracy.py and
+  tests/test_shared_encoder_tasks.py check the two agree)."""
+  return np.array(list(itertools.permutations(range(clip_len))), np.int32)
+
+
 def _reversal_index(num_classes: int) -> np.ndarray:
   """For each permutation index k of range(T) (lexicographic, as the data pipeline's table), the index of
   the same permutation read backwards: the clip shown in reverse time."""
   clip_len = next((t for t in range(1, 9) if math.factorial(t) == num_classes), None)
   if clip_len is None:
     raise ValueError(f'frame order: {num_classes} classes is not T! for T <= 8')
-  perms = list(itertools.permutations(range(clip_len)))
+  perms = [tuple(p) for p in _permutations(clip_len)]
   index = {p: i for i, p in enumerate(perms)}
   return np.array([index[p[::-1]] for p in perms], np.int32)
 
@@ -89,9 +96,8 @@ def frames_in_recorded_order(views: jax.Array, order_label: jax.Array) -> jax.Ar
   """Undo the data pipeline's frame shuffle: views (B,2,T,...) whose frames were gathered as
   shuffled[t] = recorded[perm[t]] with perm = row `order_label` (B,2) of the lexicographic permutation table
   (echojax.data.augment.permutation_table) → the same clips in recorded order (ssl.order_input='separate')."""
-  clip_len = views.shape[2]
-  perms = np.array(list(itertools.permutations(range(clip_len))), np.int32)
-  inverse = jnp.asarray(np.argsort(perms, axis=1).astype(np.int32))     # recorded[s] = shuffled[inverse[s]]
+  # recorded[s] = shuffled[inverse[s]]
+  inverse = jnp.asarray(np.argsort(_permutations(views.shape[2]), axis=1).astype(np.int32))
   index = inverse[order_label.astype(jnp.int32)]                        # (B,2,T)
   index = index.reshape(index.shape + (1,) * (views.ndim - 3))
   return jnp.take_along_axis(views, index, axis=2)
